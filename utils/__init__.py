@@ -1,0 +1,1 @@
+"""Data, losses, metrics and the training/evaluation machinery shared by the scripts."""

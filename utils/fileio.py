@@ -1,0 +1,71 @@
+"""Atomic file writes and robust image reading."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    A reader never sees a half-written file, and a crash leaves at most a ``.tmp`` file
+    that the next run overwrites or ignores.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` as .npy atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+class ImageReadError(ValueError):
+    """The file is not an image we can read."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image (EXIF-rotated, palette, alpha, CMYK, 16-bit, grayscale) as 8-bit RGB."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits rather than clipping at 255.
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.max() > 255 else 255.0
+        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Read an image file by its content (not its extension) as 8-bit RGB."""
+    try:
+        with Image.open(path) as image:
+            image.seek(0)  # first frame of animations
+            return to_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ImageReadError(f"cannot read image {path}: {error}") from error
