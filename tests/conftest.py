@@ -1,0 +1,25 @@
+"""Shared fixtures: synthetic COCO data made per session, and the optional ../shared data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.synthetic_coco import SyntheticCoco, make_coco
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_dataset(name: str) -> Path:
+    """Path of ``../shared/data/<name>``, or skip the test with the reason."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (the real datasets live in ../shared/data beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_coco(tmp_path_factory) -> SyntheticCoco:
+    """Eight small images with every annotation kind; read-only for tests."""
+    return make_coco(tmp_path_factory.mktemp("coco"), num_images=8)
