@@ -1,0 +1,92 @@
+"""Joint image + mask transforms for training and evaluation.
+
+Images are HxWx3 uint8 RGB arrays, masks HxW uint8 class ids (255 = ignore).  Images are
+resized bilinearly and masks with nearest neighbour, so no new label value can appear.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255
+SIZE_MULTIPLE = 16  # four 2x poolings in the U-Net
+
+
+def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """HxWx3 uint8 -> normalised 3xHxW float32."""
+    scale = np.float32(1 / 255)
+    normalised = (image.astype(np.float32) * scale - np.float32(mean)) / np.float32(std)
+    return torch.from_numpy(normalised.transpose(2, 0, 1).copy())
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    height, width = mask.shape
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return (cv2.resize(image, size, interpolation=cv2.INTER_LINEAR),
+            cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST))
+
+
+def pad_pair(image: np.ndarray, mask: np.ndarray, height: int, width: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Pad bottom/right to at least height x width: image with 0, mask with ignore."""
+    pad_h, pad_w = max(0, height - mask.shape[0]), max(0, width - mask.shape[1])
+    if pad_h == 0 and pad_w == 0:
+        return image, mask
+    image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=0)
+    mask = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
+    return image, mask
+
+
+def random_crop_pair(image: np.ndarray, mask: np.ndarray, height: int, width: int,
+                     rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+    top = rng.randint(0, mask.shape[0] - height)
+    left = rng.randint(0, mask.shape[1] - width)
+    rows, cols = slice(top, top + height), slice(left, left + width)
+    return image[rows, cols], mask[rows, cols]
+
+
+@dataclass
+class TrainTransform:
+    """Random scale (aspect kept), horizontal flip, crop to ``crop_size`` padding if needed."""
+    crop_size: int = 512
+    scale_range: tuple[float, float] = (0.75, 1.25)
+    flip_probability: float = 0.5
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray,
+                 rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = rng or random
+        image, mask = resize_pair(image, mask, rng.uniform(*self.scale_range))
+        if rng.random() < self.flip_probability:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        image, mask = pad_pair(image, mask, self.crop_size, self.crop_size)
+        image, mask = random_crop_pair(image, mask, self.crop_size, self.crop_size, rng)
+        return to_tensor(image, self.mean, self.std), torch.from_numpy(mask.astype(np.int64))
+
+
+def padded_size(height: int, width: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+
+
+@dataclass
+class EvalTransform:
+    """The whole image, padded bottom/right to a multiple of 16 (mask padding = ignore).
+
+    Padding sits after the image's own pixels, so predictions are cropped back with
+    ``prediction[..., :height, :width]``; the padded mask pixels are ignored by metrics.
+    """
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    multiple: int = SIZE_MULTIPLE
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray,
+                 rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = pad_pair(image, mask, *padded_size(*mask.shape, self.multiple))
+        return to_tensor(image, self.mean, self.std), torch.from_numpy(mask.astype(np.int64))
