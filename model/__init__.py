@@ -1,0 +1,46 @@
+"""The model registry: every architecture by name, and the checkpoint ``meta`` that rebuilds one.
+
+Models return logits (N x C x H x W), or a torchvision-style dict whose ``"out"`` holds them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from config import DEFAULTS
+from model.unet import UNet
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "unet": UNet,
+}
+
+
+def build_model(arch: str, **arch_args) -> nn.Module:
+    """A freshly initialised ``arch`` built with ``arch_args`` (which include ``num_classes``)."""
+    if arch not in MODELS:
+        raise ValueError(f"unknown model {arch!r}; known models: {', '.join(sorted(MODELS))}")
+    return MODELS[arch](**arch_args)
+
+
+def build_from_meta(meta: dict) -> nn.Module:
+    """The architecture a checkpoint's ``meta`` describes (weights still to be loaded)."""
+    return build_model(meta["arch"], **meta["arch_args"])
+
+
+def model_meta(arch: str, arch_args: dict, class_names: Sequence[str], input_size: Sequence[int],
+               mean: Sequence[float], std: Sequence[float], ignore_index: int = DEFAULTS.ignore_index) -> dict:
+    """The checkpoint ``meta`` (layout in utils/checkpoint.py), as plain types for weights-only loading."""
+    num_classes = arch_args["num_classes"]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model of {num_classes} classes")
+    return {
+        "arch": arch,
+        "arch_args": dict(arch_args),
+        "num_classes": num_classes,
+        "class_names": list(class_names),
+        "input_size": [int(side) for side in input_size],
+        "mean": [float(value) for value in mean],
+        "std": [float(value) for value in std],
+        "ignore_index": ignore_index,
+    }
