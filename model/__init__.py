@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
 from config import DEFAULTS
@@ -26,6 +27,11 @@ def build_model(arch: str, **arch_args) -> nn.Module:
 def build_from_meta(meta: dict) -> nn.Module:
     """The architecture a checkpoint's ``meta`` describes (weights still to be loaded)."""
     return build_model(meta["arch"], **meta["arch_args"])
+
+
+def main_logits(outputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits of any registered model, without torchvision's auxiliary head output."""
+    return outputs["out"] if isinstance(outputs, dict) else outputs
 
 
 def model_meta(arch: str, arch_args: dict, class_names: Sequence[str], input_size: Sequence[int],
