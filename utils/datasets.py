@@ -7,12 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
+from utils.classes import COCO_CLASSES
 from utils.fileio import ImageReadError, load_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 IGNORE_INDEX = 255
+EXIF_ORIENTATION = 0x0112
 
 Transform = Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
@@ -66,6 +69,13 @@ class PairedDataset(Dataset):
         check_mask(mask, image.shape[:2], self.num_classes, image_path.name)
         return image, mask
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) as displayed (EXIF orientation applied), read from the header only."""
+        with Image.open(self.pairs[index][0]) as image:
+            width, height = image.size
+            transposed = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        return (width, height) if transposed else (height, width)
+
     def __getitem__(self, index: int):
         image, mask = self.load(index)
         if self.transform is None:
@@ -97,3 +107,15 @@ def coco_mask_dataset(image_dir: str | os.PathLike, mask_dir: str | os.PathLike,
                            f"e.g. {unmatched[0]} (run cocomask_to_numpy.py on them)")
     return PairedDataset([(images[s], masks[s]) for s in sorted(images)], read_npy_mask,
                          num_classes, transform)
+
+
+def build_dataset(args, split: str, transform: Transform | None = None) -> PairedDataset:
+    """The ``split`` ("train" or "val") of the dataset the command-line ``args`` describe.
+
+    COCO layout: images in ``<data_dir>/<split name>``, masks in ``<mask_dir>/<split name>``.
+    """
+    split_name = args.train_split if split == "train" else args.val_split
+    dataset = coco_mask_dataset(Path(args.data_dir) / split_name, Path(args.mask_dir) / split_name,
+                                len(COCO_CLASSES), transform)
+    dataset.class_names = list(COCO_CLASSES)
+    return dataset

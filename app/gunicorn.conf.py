@@ -1,0 +1,27 @@
+"""gunicorn settings for the service: ``gunicorn -c app/gunicorn.conf.py "app:create_app()"``.
+
+Each worker builds its own app and loads the model after the fork (post_worker_init), so
+the parent never touches torch or CUDA.  Tune with the environment:
+SEG_BIND (0.0.0.0:8000), SEG_WORKERS (2), SEG_THREADS_PER_WORKER (2), SEG_THREADS (torch threads).
+"""
+import os
+
+bind = os.environ.get("SEG_BIND", "0.0.0.0:8000")
+workers = int(os.environ.get("SEG_WORKERS", "2"))
+threads = int(os.environ.get("SEG_THREADS_PER_WORKER", "2"))
+worker_class = "gthread"
+timeout = int(os.environ.get("SEG_TIMEOUT", "120"))
+graceful_timeout = 30
+keepalive = 5
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("SEG_LOG_LEVEL", "info")
+preload_app = False  # the model must load in each worker, after the fork
+
+
+def post_worker_init(worker) -> None:
+    """Load the model when the worker starts, not on its first request."""
+    app = worker.wsgi
+    if app.config.get("LOAD_MODEL_AT_START", True):
+        app.extensions["segmenter"].load()
+        worker.log.info("worker %s: model loaded from %s", worker.pid, app.config["CHECKPOINT"])

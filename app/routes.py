@@ -1,0 +1,133 @@
+"""HTTP routes: the upload page, the JSON API, result images, health and model information."""
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+from flask import Blueprint, Flask, abort, current_app, jsonify, render_template, request, send_from_directory, url_for
+from werkzeug.exceptions import HTTPException
+
+from app.results import is_result_name, prune_results, save_result
+from app.segmenter import Segmentation, Segmenter
+from app.uploads import UploadError, decode_image, upload_bytes
+from utils.classes import palette
+
+blueprint = Blueprint("main", __name__)
+
+
+def segmenter() -> Segmenter:
+    return current_app.extensions["segmenter"]
+
+
+def wants_json() -> bool:
+    return request.path.startswith(("/json", "/api", "/healthz", "/readyz"))
+
+
+def token_ok() -> bool:
+    """True when no token is configured or the request carries it (compared in constant time)."""
+    token = current_app.config["API_TOKEN"]
+    if not token:
+        return True
+    header = request.headers.get("Authorization", "")
+    given = header[7:] if header.startswith("Bearer ") else ""
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def segment_upload() -> tuple[Segmentation, str]:
+    """Decode the request's image, segment it, store the overlay; returns (result, image name)."""
+    image = decode_image(upload_bytes(request), current_app.config["MAX_PIXELS"])
+    result = segmenter().segment(image)
+    folder = Path(current_app.config["RESULTS_DIR"])
+    name = save_result(result.overlay, folder)
+    prune_results(folder, current_app.config["RESULTS_KEEP"], current_app.config["RESULTS_MAX_AGE_S"])
+    return result, name
+
+
+def legend_rows(classes: list[dict], num_classes: int) -> list[dict]:
+    colours = palette(num_classes)
+    return [dict(entry, colour="#" + bytes(colours[entry["id"]]).hex()) for entry in classes]
+
+
+def render_page(action: str, status: int = 200, **context):
+    return render_template("index.html", action=action, **context), status
+
+
+@blueprint.get("/")
+def page():
+    return render_page(url_for("main.page"))
+
+
+@blueprint.post("/")
+def page_segment():
+    if not (current_app.config["PAGE_PUBLIC"] or token_ok()):
+        return render_page(url_for("main.page"), 401, error="this service needs an API token; use POST /json")
+    result, name = segment_upload()
+    return render_page(url_for("main.page"), result=result, image_url=url_for("main.result_image", name=name),
+                       legend=legend_rows(result.classes, len(segmenter().load().class_names)))
+
+
+@blueprint.get("/json")
+def json_page():
+    return render_page(url_for("main.json_segment"))
+
+
+@blueprint.post("/json")
+def json_segment():
+    if not token_ok():
+        response = jsonify(error="missing or wrong API token (send 'Authorization: Bearer <token>')")
+        return response, 401, {"WWW-Authenticate": "Bearer"}
+    result, name = segment_upload()
+    described = segmenter().describe()
+    return jsonify(classes=result.classes, image_url=url_for("main.result_image", name=name, _external=True),
+                   width=result.width, height=result.height, inference_ms=result.inference_ms,
+                   model={"architecture": described["architecture"], "checkpoint": described["checkpoint"]})
+
+
+@blueprint.get("/results/<name>")
+def result_image(name: str):
+    if not is_result_name(name):
+        abort(404)
+    return send_from_directory(Path(current_app.config["RESULTS_DIR"]).resolve(), name, mimetype="image/jpeg",
+                               max_age=3600)
+
+
+@blueprint.get("/healthz")
+def healthz():
+    return jsonify(status="ok")
+
+
+@blueprint.get("/readyz")
+def readyz():
+    ready = segmenter().ready
+    return jsonify(ready=ready), 200 if ready else 503
+
+
+@blueprint.get("/api/model")
+def model_info():
+    return jsonify(segmenter().describe())
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Every error is a short message (JSON on the API, the page otherwise); never a traceback."""
+
+    def respond(message: str, status: int):
+        if wants_json():
+            return jsonify(error=message), status
+        action = url_for("main.json_segment") if request.path.startswith("/json") else url_for("main.page")
+        return render_page(action, status, error=message)
+
+    @app.errorhandler(UploadError)
+    def upload_error(error: UploadError):
+        return respond(str(error), error.status)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        if error.code == 413:
+            limit = app.config["MAX_CONTENT_LENGTH"]
+            return respond(f"upload too large: the limit is {limit:,} bytes", 413)
+        return respond(error.description or error.name, error.code or 500)
+
+    @app.errorhandler(Exception)
+    def internal_error(error: Exception):
+        app.logger.exception("unhandled error on %s", request.path)
+        return respond("internal error: the request could not be processed", 500)

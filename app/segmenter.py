@@ -1,0 +1,61 @@
+"""The model of one worker process: loaded once (inside the worker), shared by its threads."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from model.predictor import Predictor, render_overlay, summarize
+
+
+@dataclass
+class Segmentation:
+    classes: list[dict]
+    overlay: Image.Image
+    width: int
+    height: int
+    inference_ms: float
+
+
+class Segmenter:
+    """Loads the checkpoint on first use (or ``load()`` at worker start), never at import,
+    so gunicorn's parent never touches torch/CUDA before forking."""
+
+    def __init__(self, checkpoint: str, threads: int | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.threads = threads
+        self._predictor: Predictor | None = None
+        self._load_lock = threading.Lock()
+        # One forward at a time per worker: parallel forwards would only fight over the same cores.
+        self._forward_lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self._predictor is not None
+
+    def load(self) -> Predictor:
+        with self._load_lock:
+            if self._predictor is None:
+                self._predictor = Predictor.from_checkpoint(self.checkpoint, threads=self.threads)
+        return self._predictor
+
+    def segment(self, image: Image.Image) -> Segmentation:
+        predictor = self.load()
+        started = time.perf_counter()
+        with self._forward_lock:
+            prediction = predictor.predict(image)
+        classes = summarize(prediction, predictor.class_names)
+        overlay = render_overlay(image, prediction.class_map)
+        return Segmentation(classes, overlay, image.width, image.height,
+                            round((time.perf_counter() - started) * 1000, 1))
+
+    def describe(self) -> dict:
+        predictor = self.load()
+        meta = predictor.meta
+        return {"architecture": meta["arch"], "arch_args": meta["arch_args"], "checkpoint": Path(self.checkpoint).name,
+                "classes": meta["class_names"], "num_classes": meta["num_classes"],
+                "input_size": meta["input_size"], "device": str(predictor.device),
+                "metrics": meta.get("metrics", {})}

@@ -1,0 +1,33 @@
+"""Service configuration, read from the environment (``SEG_*``) with defaults that work out of the box."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = ROOT / "save" / "default" / "model.pth"
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    try:
+        return int(raw) if raw not in (None, "") else default
+    except ValueError as error:
+        raise SystemExit(f"{name}={raw!r} is not a whole number") from error
+
+
+def from_environment() -> dict:
+    """Flask config keys for the service; see README 'Serving' for each variable."""
+    threads = os.environ.get("SEG_THREADS")
+    return {
+        "CHECKPOINT": os.environ.get("SEG_CHECKPOINT") or str(DEFAULT_CHECKPOINT),
+        "RESULTS_DIR": os.environ.get("SEG_RESULTS_DIR") or str(ROOT / "save" / "results"),
+        "RESULTS_KEEP": _int("SEG_RESULTS_KEEP", 500),
+        "RESULTS_MAX_AGE_S": _int("SEG_RESULTS_MAX_AGE_S", 24 * 3600),
+        "MAX_CONTENT_LENGTH": _int("SEG_MAX_BYTES", 20 * 1024 * 1024),
+        "MAX_PIXELS": _int("SEG_MAX_PIXELS", 40_000_000),
+        "TORCH_THREADS": int(threads) if threads else None,
+        "API_TOKEN": os.environ.get("SEG_API_TOKEN") or None,
+        "PAGE_PUBLIC": os.environ.get("SEG_PAGE_PUBLIC", "0") == "1",
+        "LOAD_MODEL_AT_START": os.environ.get("SEG_LOAD_MODEL_AT_START", "1") == "1",
+    }
