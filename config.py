@@ -19,7 +19,6 @@ class Defaults:
     mask_dir: str = "data/coco/masks"
     save_dir: str = "save"
     num_classes: int = 91
-    ignore_index: int = 255
     crop_size: int = 512
     # Optimisation
     model: str = "unet"

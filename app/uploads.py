@@ -9,7 +9,6 @@ from PIL import Image, UnidentifiedImageError
 
 from utils.fileio import to_rgb
 
-
 IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 
 

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from config import DEFAULTS
 from model.unet import UNet
+from utils.classes import IGNORE_INDEX
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "unet": UNet,
@@ -35,7 +35,7 @@ def main_logits(outputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor
 
 
 def model_meta(arch: str, arch_args: dict, class_names: Sequence[str], input_size: Sequence[int],
-               mean: Sequence[float], std: Sequence[float], ignore_index: int = DEFAULTS.ignore_index) -> dict:
+               mean: Sequence[float], std: Sequence[float], ignore_index: int = IGNORE_INDEX) -> dict:
     """The checkpoint ``meta`` (layout in utils/checkpoint.py), as plain types for weights-only loading."""
     num_classes = arch_args["num_classes"]
     if len(class_names) != num_classes:

@@ -22,6 +22,7 @@ COCO_CATEGORIES: dict[int, str] = {
 }
 
 NUM_COCO_CLASSES = 91  # background + ids 1..90
+IGNORE_INDEX = 255  # mask value for "do not learn or score this pixel", in every dataset
 
 
 def _unused_name(class_id: int) -> str:

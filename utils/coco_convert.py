@@ -13,10 +13,9 @@ import numpy as np
 from pycocotools import mask as coco_mask
 from tqdm import tqdm
 
-from utils.classes import NUM_COCO_CLASSES
+from utils.classes import IGNORE_INDEX, NUM_COCO_CLASSES
 from utils.fileio import save_npy, write_text
 
-IGNORE = 255
 CROWD_CHOICES = ("ignore", "label", "skip")
 OVERLAP_CHOICES = ("smaller-wins", "ignore")
 METADATA_NAME = "conversion.json"
@@ -184,13 +183,13 @@ def rasterize(task: ImageTask, rules: Rules) -> np.ndarray:
     # Fortran order matches pycocotools' decoded masks, so painting copies contiguous columns.
     mask = np.zeros((task.height, task.width), np.uint8, order="F")
     coverage = np.zeros_like(mask) if rules.overlap == "ignore" else None
-    layers = [(a, IGNORE, None) for a in crowd] + [(a, a["category_id"], coverage) for a in instances]
+    layers = [(a, IGNORE_INDEX, None) for a in crowd] + [(a, a["category_id"], coverage) for a in instances]
     for annotation, value, counter in layers:
         rle = _to_rle(annotation["segmentation"], task.height, task.width)
         if rle is not None:
             _paint(mask, rle, value, counter)
     if coverage is not None:
-        mask[coverage > 1] = IGNORE
+        mask[coverage > 1] = IGNORE_INDEX
     return np.ascontiguousarray(mask)
 
 
@@ -277,7 +276,7 @@ def summarize(tasks: list[ImageTask], results: list[ImageResult], rules: Rules,
         "skipped_annotations": sum(r.skipped_annotations for r in results),
         "degenerate_polygons": sum(r.degenerate_polygons for r in results),
         "class_pixel_counts": counts[:NUM_COCO_CLASSES].tolist(),
-        "ignore_pixels": int(counts[IGNORE]),
+        "ignore_pixels": int(counts[IGNORE_INDEX]),
     }
 
 

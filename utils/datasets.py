@@ -10,11 +10,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.classes import COCO_CLASSES
+from utils.classes import COCO_CLASSES, IGNORE_INDEX
 from utils.fileio import ImageReadError, load_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-IGNORE_INDEX = 255
 EXIF_ORIENTATION = 0x0112
 
 Transform = Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor]]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import DEFAULTS
+from utils.classes import IGNORE_INDEX
 
 
 class FocalLoss(nn.Module):
@@ -21,7 +21,7 @@ class FocalLoss(nn.Module):
     """
 
     def __init__(self, alpha: float | torch.Tensor = 0.9, gamma: float = 4.0,
-                 ignore_index: int = DEFAULTS.ignore_index) -> None:
+                 ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         self.gamma = gamma
         self.ignore_index = ignore_index
@@ -42,7 +42,7 @@ class FocalLoss(nn.Module):
 
 
 def cross_entropy_loss(weight: torch.Tensor | None = None,
-                       ignore_index: int = DEFAULTS.ignore_index) -> nn.Module:
+                       ignore_index: int = IGNORE_INDEX) -> nn.Module:
     """Cross entropy with optional class weights; ignores our ignore label, not PyTorch's -100."""
     return nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
 

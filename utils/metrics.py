@@ -10,13 +10,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from config import DEFAULTS
+from utils.classes import IGNORE_INDEX
 
 
 class ConfusionMatrix:
     """``matrix[true, predicted]`` pixel counts over ``num_classes`` classes."""
 
-    def __init__(self, num_classes: int, ignore_index: int = DEFAULTS.ignore_index,
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX,
                  device: str | torch.device | None = None) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index

@@ -12,9 +12,10 @@ import cv2
 import numpy as np
 import torch
 
+from utils.classes import IGNORE_INDEX
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 SIZE_MULTIPLE = 16  # four 2x poolings in the U-Net
 
 

@@ -1,0 +1,43 @@
+"""Evaluate a checkpoint on the validation split at full resolution.
+
+    python test.py --checkpoint save/best.pth [--data-dir data/coco --mask-dir data/coco/masks]
+    torchrun --nproc_per_node=N test.py --checkpoint ...   # split the images across processes
+
+Writes save/log_test.log (pixel accuracy, mIoU, per-class IoU table), save/metrics.json,
+save/vision_confusion_matrix.jpg and save/class_iou.png.  The checkpoint alone says which
+model to build and how to normalise its input.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import config
+from utils.checkpoint import CheckpointError
+from utils.cli import fail, setup_logging
+from utils.datasets import DatasetError
+from utils.evaluation import evaluate_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a .pth written by train.py")
+    config.add_arguments(parser, "data_dir", "mask_dir", "save_dir", "batch_size", "workers")
+    parser.add_argument("--val-split", default="val2017", help="image/mask sub-folder to evaluate")
+    parser.add_argument("--save-predictions", metavar="DIR", help="also write each prediction as a class-id PNG")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.save_dir, "test.log")
+    try:
+        evaluate_checkpoint(args)
+    except (DatasetError, CheckpointError) as error:
+        return fail(error)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""train.py, test.py and test_draw.py end to end on a tiny synthetic COCO set (CPU)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import test as test_script
+import test_draw
+import train
+from tests.conftest import ROOT
+from tests.synthetic_coco import make_coco
+from utils.checkpoint import load_checkpoint
+from utils.coco_convert import convert
+
+TINY = ["--model", "unet", "--base-width", "8", "--crop-size", "64", "--batch-size", "2", "--workers", "0",
+        "--train-split", "train2017", "--val-split", "train2017"]
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory) -> Path:
+    """12 synthetic images with their masks, in the layout train.py expects."""
+    root = tmp_path_factory.mktemp("train")
+    made = make_coco(root, num_images=12, size=(64, 80), seed=1, max_objects=3)
+    convert(made.annotation_file, made.image_dir, root / "masks" / "train2017")
+    return root
+
+
+def data_args(root: Path, save: Path) -> list[str]:
+    return ["--data-dir", str(root), "--mask-dir", str(root / "masks"), "--save-dir", str(save)]
+
+
+def read_log(save: Path) -> list[dict]:
+    with open(save / "log_train.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def trained(coco_root, tmp_path_factory) -> Path:
+    """A U-Net overfitted on the synthetic set: the tests below read its outputs."""
+    save = tmp_path_factory.mktemp("save")
+    code = train.main(data_args(coco_root, save) + TINY + [
+        "--epochs", "100", "--lr", "0.01", "--loss", "ce", "--val-every", "25"])
+    assert code == 0
+    return save
+
+
+def test_training_really_learns(trained):
+    rows = read_log(trained)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 101))
+    assert float(rows[-1]["train_loss"]) < 0.5 * float(rows[0]["train_loss"])
+    assert float(rows[-1]["miou"]) > 0.75, rows[-1]
+
+
+def test_checkpoints_carry_metadata_and_state(trained):
+    for name in ("last.pth", "best.pth", "model_final.pth"):
+        checkpoint = load_checkpoint(trained / name)
+        meta = checkpoint["meta"]
+        assert meta["arch"] == "unet" and meta["arch_args"]["base_width"] == 8
+        assert meta["num_classes"] == 91 and meta["class_names"][1] == "person"
+        assert meta["input_size"] == [64, 64] and len(meta["mean"]) == 3
+    last = load_checkpoint(trained / "last.pth")
+    assert last["epoch"] == 100 and {"optimizer", "scheduler", "scaler", "config"} <= last.keys()
+    assert last["meta"]["metrics"]["miou"] == pytest.approx(float(read_log(trained)[-1]["miou"]))
+    assert (trained / "curves.png").stat().st_size > 0
+
+
+def test_test_py_agrees_with_independent_computation(trained, coco_root, tmp_path):
+    predictions = tmp_path / "pred"
+    code = test_script.main(["--checkpoint", str(trained / "model_final.pth"), "--batch-size", "4",
+                             "--workers", "0", "--val-split", "train2017", "--save-predictions", str(predictions)]
+                            + data_args(coco_root, tmp_path))
+    assert code == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    intersection, union, correct, valid = np.zeros(91), np.zeros(91), 0, 0
+    for mask_file in sorted((coco_root / "masks" / "train2017").glob("*.npy")):
+        truth = np.load(mask_file)
+        prediction = np.asarray(Image.open(predictions / f"{mask_file.stem}.png"))
+        assert prediction.shape == truth.shape
+        keep = truth != 255
+        t, p = truth[keep].astype(int), prediction[keep].astype(int)
+        correct, valid = correct + (t == p).sum(), valid + keep.sum()
+        for c in range(91):
+            intersection[c] += ((t == c) & (p == c)).sum()
+            union[c] += ((t == c) | (p == c)).sum()
+    present = union > 0
+    assert report["pixel_accuracy"] == pytest.approx(correct / valid)
+    assert report["miou"] == pytest.approx((intersection[present] / union[present]).mean())
+    assert sorted(report["classes_counted"]) == np.flatnonzero(present).tolist()
+    assert "mIoU" in (tmp_path / "log_test.log").read_text()
+    assert "person" in (tmp_path / "log_test.log").read_text()
+    assert Image.open(tmp_path / "vision_confusion_matrix.jpg").size[0] > 500
+
+
+def test_test_draw_draws_and_times(trained, coco_root, tmp_path):
+    common = ["--checkpoint", str(trained / "model_final.pth"), "--val-split", "train2017"] + data_args(
+        coco_root, tmp_path)
+    assert test_draw.main(["draw", "--count", "3"] + common) == 0
+    panels = sorted((tmp_path / "draw").glob("*.jpg"))
+    assert len(panels) == 6 and {p.name.split("_")[0] for p in panels} == {"train", "val"}
+    assert Image.open(panels[0]).width > 3 * 60  # three panels side by side
+    assert test_draw.main(["compute_time", "--count", "5", "--warmup", "1"] + common) == 0
+    assert "median" in (tmp_path / "compute_time.txt").read_text()
+
+
+def test_resume_after_kill_completes_the_run(coco_root, tmp_path):
+    command = [sys.executable, "train.py", *data_args(coco_root, tmp_path), *TINY, "--epochs", "4"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "last.pth").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert load_checkpoint(tmp_path / "last.pth")["epoch"] < 4
+    subprocess.run(command + ["--resume"], cwd=ROOT, check=True, capture_output=True)
+    last = load_checkpoint(tmp_path / "last.pth")
+    assert last["epoch"] == 4
+    assert [int(r["epoch"]) for r in read_log(tmp_path)] == [1, 2, 3, 4]
+    load_checkpoint(tmp_path / "model_final.pth")
+
+
+def test_resume_with_another_architecture_is_refused(trained, coco_root, tmp_path, capsys):
+    shutil.copy(trained / "last.pth", tmp_path / "last.pth")
+    code = train.main(data_args(coco_root, tmp_path) + TINY[:2] + ["--base-width", "16"] + TINY[4:]
+                      + ["--epochs", "120", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "use the same model options" in err and "Traceback" not in err
+
+
+def test_bad_data_gives_a_clear_message(coco_root, tmp_path, capsys):
+    assert train.main(data_args(tmp_path / "nowhere", tmp_path) + TINY + ["--epochs", "1"]) == 2
+    assert "image folder not found" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(coco_root, broken)
+    first = sorted((broken / "masks" / "train2017").glob("*.npy"))[0]
+    mask = np.load(first)
+    mask[0, 0] = 200
+    np.save(first, mask)
+    assert train.main(data_args(broken, tmp_path) + TINY + ["--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "outside 0..90" in err and "Traceback" not in err
+
+
+def _torchrun(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           script, *args], cwd=ROOT, capture_output=True, text=True, env=environment, timeout=300)
+
+
+def test_two_process_torchrun_trains_and_reduces_like_one_process(trained, coco_root, tmp_path):
+    result = _torchrun("train.py", data_args(coco_root, tmp_path / "ddp") + TINY + ["--epochs", "2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [int(r["epoch"]) for r in read_log(tmp_path / "ddp")] == [1, 2]
+
+    evaluate = ["--checkpoint", str(trained / "model_final.pth"), "--workers", "0", "--val-split", "train2017"]
+    result = _torchrun("test.py", evaluate + data_args(coco_root, tmp_path / "two"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert test_script.main(evaluate + data_args(coco_root, tmp_path / "one")) == 0
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert two["confusion_matrix"] == one["confusion_matrix"]
+    assert sum(map(sum, one["confusion_matrix"])) > 0
+
+
+def test_cuda_path_runs_where_cuda_exists(coco_root, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine: AMP / cudnn.benchmark path not exercised")
+    assert train.main(data_args(coco_root, tmp_path) + TINY + ["--epochs", "1", "--device", "cuda"]) == 0

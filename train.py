@@ -1,0 +1,52 @@
+"""Train a segmentation model (default: 91-class U-Net with focal loss on COCO masks).
+
+    python train.py --data-dir data/coco --mask-dir data/coco/masks [--epochs 10 ...]
+    torchrun --nproc_per_node=N train.py ...     # DistributedDataParallel, one process per GPU/CPU share
+
+Writes save/last.pth (every epoch), save/best.pth (best validation mIoU), save/model_final.pth,
+save/log_train.csv, save/curves.png and save/train.log.  --resume continues from save/last.pth.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import config
+from utils.checkpoint import CheckpointError
+from utils.cli import fail, setup_logging
+from utils.datasets import DatasetError
+from utils.precision import PRECISIONS
+from utils.training import TrainingError, train
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_arguments(parser, "data_dir", "mask_dir", "save_dir", "model", "base_width", "crop_size", "lr",
+                         "loss", "focal_alpha", "focal_gamma", "epochs", "batch_size", "workers", "seed",
+                         "val_every")
+    parser.add_argument("--train-split", default="train2017", help="image/mask sub-folder for training")
+    parser.add_argument("--val-split", default="val2017", help="image/mask sub-folder for validation")
+    parser.add_argument("--transposed", action="store_true", help="U-Net: transposed convolutions, not bilinear")
+    parser.add_argument("--class-weights", help="conversion.json whose class_pixel_counts weight the loss "
+                                                "(median frequency)")
+    parser.add_argument("--best-by", choices=("miou", "loss"), default="miou", help="what best.pth keeps")
+    parser.add_argument("--max-steps", type=int, default=None, help="at most this many batches per epoch")
+    parser.add_argument("--resume", action="store_true", help="continue from <save-dir>/last.pth")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto: fp16 AMP on CUDA, fp32 on CPU; bf16: bfloat16 autocast (CPUs with bf16)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.save_dir, "train.log")
+    try:
+        train(args)
+    except (DatasetError, CheckpointError, TrainingError) as error:
+        return fail(error)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""torchrun / DistributedDataParallel set-up in a few lines; a no-op for a single process."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str | None = None) -> Context:
+    """Join the process group when started by torchrun (nccl on GPU, gloo on CPU)."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if "RANK" not in os.environ:
+        return Context(device=torch.device(device or ("cuda" if cuda else "cpu")))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return Context(dist.get_rank(), dist.get_world_size(),
+                   torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` across processes in place (no-op for a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class ShardSampler(Sampler[int]):
+    """Every rank takes indices rank, rank+world, ... : no sample is seen twice.
+
+    For evaluation, where DistributedSampler's padding would count some images twice.
+    """
+
+    def __init__(self, length: int, context: Context) -> None:
+        self.indices = list(range(context.rank, length, context.world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

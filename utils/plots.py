@@ -1,0 +1,76 @@
+"""Pictures people would rather look at than read: training curves, confusion matrix, IoU bars."""
+from __future__ import annotations
+
+import csv
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+from utils.fileio import atomic_path  # noqa: E402
+
+
+def _save(figure, path: str | os.PathLike, **kwargs) -> None:
+    suffix = os.path.splitext(str(path))[1]
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format=suffix.lstrip(".").replace("jpg", "jpeg"), **kwargs)
+    plt.close(figure)
+
+
+def plot_training_curves(log_csv: str | os.PathLike, out_png: str | os.PathLike) -> None:
+    """Loss and mIoU per epoch from the training CSV log."""
+    with open(log_csv) as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) for r in rows]
+    figure, (loss_axis, miou_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_axis.plot(epochs, [float(r["train_loss"]) for r in rows], marker="o", label="train")
+    validated = [(int(r["epoch"]), r) for r in rows if r["miou"]]
+    if validated:
+        loss_axis.plot([e for e, _ in validated], [float(r["val_loss"]) for _, r in validated],
+                       marker="o", label="val")
+        miou_axis.plot([e for e, _ in validated], [float(r["miou"]) for _, r in validated], marker="o")
+    loss_axis.set(xlabel="epoch", ylabel="loss", title="loss")
+    loss_axis.legend()
+    miou_axis.set(xlabel="epoch", ylabel="mIoU", title="validation mIoU")
+    for axis in (loss_axis, miou_axis):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    _save(figure, out_png, dpi=100)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], out_path: str | os.PathLike) -> None:
+    """Row-normalised matrix on a log colour scale, class names on both axes, no cell text."""
+    rows = matrix.sum(axis=1, keepdims=True)
+    normalised = np.divide(matrix, rows, out=np.zeros(matrix.shape, float), where=rows > 0)
+    size = min(24, max(6, 0.22 * len(class_names) + 3))
+    figure, axis = plt.subplots(figsize=(size, size))
+    floor = max(normalised[normalised > 0].min() if (normalised > 0).any() else 1e-4, 1e-4)
+    image = axis.imshow(np.where(normalised > 0, normalised, np.nan), cmap="viridis",
+                        norm=LogNorm(vmin=floor, vmax=1), interpolation="nearest")
+    ticks = np.arange(len(class_names))
+    font = max(4, min(9, 500 // max(len(class_names), 1)))
+    axis.set_xticks(ticks, class_names, rotation=90, fontsize=font)
+    axis.set_yticks(ticks, class_names, fontsize=font)
+    axis.set(xlabel="predicted", ylabel="ground truth", title="confusion matrix (row-normalised)")
+    figure.colorbar(image, ax=axis, fraction=0.04, pad=0.02, label="fraction of the true class")
+    figure.tight_layout()
+    _save(figure, out_path, dpi=110)
+
+
+def plot_class_iou(ious: list[float | None], class_names: list[str], out_path: str | os.PathLike) -> None:
+    """Horizontal bars of per-class IoU for the classes where it is defined."""
+    defined = [(name, iou) for name, iou in zip(class_names, ious, strict=True) if iou is not None]
+    defined.sort(key=lambda item: item[1])
+    figure, axis = plt.subplots(figsize=(7, max(3, 0.18 * len(defined) + 1)))
+    axis.barh([n for n, _ in defined], [v for _, v in defined], color="tab:blue")
+    axis.set(xlim=(0, 1), xlabel="IoU", title="per-class IoU")
+    axis.tick_params(axis="y", labelsize=7)
+    axis.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    _save(figure, out_path, dpi=100)

@@ -1,0 +1,329 @@
+"""The one train / evaluate loop, for one CPU, one GPU or many processes under torchrun."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from model import build_model, main_logits, model_meta
+from utils import distributed
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.datasets import PairedDataset, build_dataset
+from utils.fileio import atomic_path, write_text
+from utils.losses import build_loss, class_weights_from_counts
+from utils.metrics import ConfusionMatrix
+from utils.plots import plot_training_curves
+from utils.precision import autocast
+from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+
+log = logging.getLogger("train")
+
+
+class TrainingError(ValueError):
+    """The run cannot start as configured; the message says what to change."""
+
+
+LOG_FIELDS = ("epoch", "train_loss", "val_loss", "pixel_accuracy", "miou", "lr", "seconds")
+
+
+def compute_loss(criterion: nn.Module, outputs: torch.Tensor | dict, target: torch.Tensor) -> torch.Tensor:
+    """The main loss, plus half the auxiliary head's loss when the model has one."""
+    loss = criterion(main_logits(outputs), target)
+    if isinstance(outputs, dict) and "aux" in outputs:
+        loss = loss + 0.5 * criterion(outputs["aux"], target)
+    return loss
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+                    context: distributed.Context, epoch: int, max_steps: int | None,
+                    precision: str = "auto") -> float:
+    """One pass over ``loader`` (at most ``max_steps`` batches); the mean loss over all ranks."""
+    model.train()
+    device = context.device
+    total = torch.zeros(2, device=device)
+    steps = min(len(loader), max_steps or len(loader))
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not context.is_main, dynamic_ncols=True)
+    for step, (images, masks) in enumerate(bar):
+        if step >= steps:
+            break
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        masks = masks.to(device, non_blocking=True)
+        with autocast(device, precision):
+            loss = compute_loss(criterion, model(images), masks)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += torch.stack([loss.detach().float(), torch.ones((), device=device)])
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    distributed.all_reduce_sum(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, context: distributed.Context,
+             criterion: nn.Module | None = None, precision: str = "auto") -> tuple[ConfusionMatrix, float]:
+    """Confusion matrix (reduced over ranks) and mean loss of ``model`` on ``loader``."""
+    model.eval()
+    device = context.device
+    matrix = ConfusionMatrix(num_classes, device=device)
+    loss_sum = torch.zeros(2, device=device)
+    for images, masks in tqdm(loader, desc="evaluate", disable=not context.is_main, dynamic_ncols=True):
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        masks = masks.to(device, non_blocking=True)
+        with autocast(device, precision):
+            outputs = model(images)
+        logits = main_logits(outputs).float()
+        if criterion is not None:
+            loss_sum += torch.stack([criterion(logits, masks).float(), torch.ones((), device=device)])
+        matrix.update(masks, logits.argmax(1))
+    matrix.reduce_from_all_processes()
+    distributed.all_reduce_sum(loss_sum)
+    return matrix, (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+
+
+# ------------------------------------------------------------------------------ set-up
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; built by ``prepare``."""
+    args: argparse.Namespace
+    context: distributed.Context
+    model: nn.Module
+    bare_model: nn.Module  # without the DDP wrapper: what is saved and evaluated
+    train_loader: DataLoader
+    val_loader: DataLoader
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    meta: dict
+    start_epoch: int = 1
+    best_metric: float | None = None
+    last_metrics: dict | None = None
+
+
+def arch_args(args: argparse.Namespace, num_classes: int) -> dict:
+    arguments = {"num_classes": num_classes}
+    if args.model == "unet":
+        arguments.update(base_width=args.base_width, bilinear=not args.transposed)
+    return arguments
+
+
+def make_loaders(args: argparse.Namespace, context: distributed.Context
+                 ) -> tuple[DataLoader, DataLoader, PairedDataset]:
+    train_set = build_dataset(args, "train", TrainTransform(crop_size=args.crop_size))
+    val_set = build_dataset(args, "val", EvalTransform())
+    train_sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if context.distributed else None
+    pin = context.device.type == "cuda"
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=train_sampler is None,
+                              sampler=train_sampler, num_workers=args.workers, pin_memory=pin, drop_last=True,
+                              persistent_workers=args.workers > 0)
+    if len(train_loader) == 0:
+        raise TrainingError(f"batch size {args.batch_size} is larger than the {len(train_set)} training "
+                              "images on this process: lower --batch-size")
+    # Whole images differ in size, so validation runs one image per batch.
+    val_loader = DataLoader(val_set, batch_size=1, sampler=distributed.ShardSampler(len(val_set), context),
+                            num_workers=args.workers, pin_memory=pin)
+    return train_loader, val_loader, train_set
+
+
+def make_criterion(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:
+    weights = None
+    if args.class_weights:
+        counts = read_class_counts(args.class_weights, num_classes)
+        weights = class_weights_from_counts(counts).to(device)
+    if args.loss == "focal":
+        alpha = weights if weights is not None else args.focal_alpha
+        return build_loss("focal", alpha=alpha, gamma=args.focal_gamma)
+    return build_loss(args.loss, weight=weights)
+
+
+def read_class_counts(path: str, num_classes: int) -> list[int]:
+    """Per-class pixel counts from the converter's conversion.json."""
+    counts = json.loads(Path(path).read_text()).get("class_pixel_counts")
+    if not isinstance(counts, list) or len(counts) != num_classes:
+        raise TrainingError(f"{path} has no class_pixel_counts for {num_classes} classes")
+    return counts
+
+
+def prepare(args: argparse.Namespace) -> Run:
+    context = distributed.setup(args.device)
+    seed_everything(args.seed + context.rank)
+    if context.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_loader, val_loader, train_set = make_loaders(args, context)
+    class_names = train_set.class_names
+    arguments = arch_args(args, len(class_names))
+    try:
+        bare_model = build_model(args.model, **arguments)
+    except ValueError as error:
+        raise TrainingError(str(error)) from error
+    bare_model = bare_model.to(context.device, memory_format=torch.channels_last)
+    model = bare_model
+    if context.distributed:
+        if context.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            bare_model = model
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(bare_model.parameters(), lr=args.lr)
+    steps = args.epochs * min(len(train_loader), args.max_steps or len(train_loader))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+    meta = model_meta(args.model, arguments, class_names, [args.crop_size, args.crop_size],
+                      list(IMAGENET_MEAN), list(IMAGENET_STD))
+    return Run(args, context, model, bare_model, train_loader, val_loader,
+               make_criterion(args, len(class_names), context.device), optimizer, scheduler,
+               torch.amp.GradScaler("cuda", enabled=context.device.type == "cuda" and args.precision == "auto"), meta)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def training_checkpoint(run: Run, epoch: int, metrics: dict | None) -> dict:
+    meta = dict(run.meta, metrics=metrics or {})
+    return {"model": run.bare_model.state_dict(), "meta": meta, "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
+            "best_metric": run.best_metric, "config": plain_config(run.args)}
+
+
+def plain_config(args: argparse.Namespace) -> dict:
+    """The arguments as plain types, so ``weights_only`` loading accepts them."""
+    return {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in vars(args).items()}
+
+
+def resume(run: Run, path: Path) -> None:
+    """Continue from ``path``: weights, optimiser, schedule, scaler and epoch count."""
+    checkpoint = load_checkpoint(path, map_location=run.context.device)
+    saved = (checkpoint["meta"]["arch"], checkpoint["meta"]["arch_args"])
+    if saved != (run.meta["arch"], run.meta["arch_args"]):
+        raise CheckpointError(f"{path} holds {saved[0]} {saved[1]}, but this run builds "
+                              f"{run.meta['arch']} {run.meta['arch_args']}: use the same model options "
+                              "or another --save-dir")
+    if "optimizer" not in checkpoint:
+        raise CheckpointError(f"{path} has no training state to resume from")
+    run.bare_model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    run.start_epoch = checkpoint["epoch"] + 1
+    run.best_metric = checkpoint["best_metric"]
+    run.last_metrics = checkpoint["meta"].get("metrics") or None
+    log.info("resumed from %s at epoch %d", path, checkpoint["epoch"])
+
+
+def is_better(run: Run, metrics: dict) -> bool:
+    """Best by validation mIoU (higher) or, with --best-by loss, validation loss (lower)."""
+    if run.args.best_by == "loss":
+        value = -metrics["val_loss"]
+    else:
+        value = metrics["miou"] if metrics["miou"] is not None else -math.inf
+    if run.best_metric is None or value > run.best_metric:
+        run.best_metric = value
+        return True
+    return False
+
+
+def trim_log(path: Path, last_epoch: int) -> None:
+    """Drop rows after ``last_epoch``: a run killed between logging and saving logged one too many."""
+    if not path.exists():
+        return
+    header, *rows = path.read_text().splitlines()
+    kept = [row for row in rows if int(row.split(",", 1)[0]) <= last_epoch]
+    write_text(path, "\n".join([header, *kept]) + "\n")
+
+
+def append_log(path: Path, row: dict) -> None:
+    """Add one epoch to the CSV log, rewriting it atomically."""
+    previous = path.read_text() if path.exists() else ",".join(LOG_FIELDS) + "\n"
+    line = ",".join("" if row.get(f) is None else str(row[f]) for f in LOG_FIELDS)
+    with atomic_path(path) as tmp:
+        tmp.write_text(previous + line + "\n")
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 5)
+
+
+def run_epoch(run: Run, epoch: int) -> dict:
+    args, context = run.args, run.context
+    if isinstance(run.train_loader.sampler, DistributedSampler):
+        run.train_loader.sampler.set_epoch(epoch)
+    started = time.time()
+    row = {"epoch": epoch, "lr": f"{run.scheduler.get_last_lr()[0]:.3e}",
+           "train_loss": round(train_one_epoch(run.model, run.train_loader, run.criterion, run.optimizer,
+                                               run.scheduler, run.scaler, context, epoch, args.max_steps,
+                                               args.precision), 5)}
+    if epoch % args.val_every == 0 or epoch == args.epochs:
+        matrix, val_loss = evaluate(run.bare_model, run.val_loader, len(run.meta["class_names"]), context,
+                                    run.criterion, args.precision)
+        metrics = matrix.compute()
+        row.update(val_loss=round(val_loss, 5), pixel_accuracy=rounded(metrics["pixel_accuracy"]),
+                   miou=rounded(metrics["miou"]))
+        log.info("epoch %d: loss %.4f, val loss %.4f, pixel acc %.4f, mIoU %s over %d classes", epoch,
+                 row["train_loss"], val_loss, metrics["pixel_accuracy"], row["miou"],
+                 len(metrics["classes_counted"]))
+    row["seconds"] = round(time.time() - started, 1)
+    return row
+
+
+def save_epoch(run: Run, epoch: int, row: dict) -> None:
+    """Rank 0 writes last.pth every epoch and best.pth when validation improves."""
+    save_dir = Path(run.args.save_dir)
+    improved = "val_loss" in row and is_better(run, row)
+    if "val_loss" in row:
+        run.last_metrics = {k: row[k] for k in ("pixel_accuracy", "miou", "val_loss")}
+    checkpoint = training_checkpoint(run, epoch, run.last_metrics)
+    append_log(save_dir / "log_train.csv", row)  # before last.pth: a resume trims what last.pth lacks
+    if improved:
+        save_checkpoint(save_dir / "best.pth", checkpoint)
+        log.info("new best (%s) saved to %s", run.args.best_by, save_dir / "best.pth")
+    save_checkpoint(save_dir / "last.pth", checkpoint)
+    if "val_loss" in row:  # redrawn when there is something new to see (drawing costs ~0.5 s)
+        plot_training_curves(save_dir / "log_train.csv", save_dir / "curves.png")
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Train as ``args`` say; returns the path of the final checkpoint."""
+    run = prepare(args)
+    save_dir = Path(args.save_dir)
+    try:
+        if args.resume:
+            resume(run, save_dir / "last.pth")
+            if run.context.is_main:
+                trim_log(save_dir / "log_train.csv", run.start_epoch - 1)
+        for epoch in range(run.start_epoch, args.epochs + 1):
+            row = run_epoch(run, epoch)
+            if run.context.is_main:
+                save_epoch(run, epoch, row)
+        final = save_dir / "model_final.pth"
+        if run.context.is_main:
+            meta = dict(run.meta, metrics=run.last_metrics or {})
+            save_checkpoint(final, {"model": run.bare_model.state_dict(), "meta": meta})
+            log.info("final model saved to %s", final)
+        return final
+    finally:
+        distributed.cleanup()
