@@ -26,7 +26,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "val_every")
     parser.add_argument("--train-split", default="train2017", help="image/mask sub-folder for training")
     parser.add_argument("--val-split", default="val2017", help="image/mask sub-folder for validation")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="long side the predictor resizes images to (default: the crop size); a fully "
+                             "convolutional model trained on crops of full-size images is best served near that size")
     parser.add_argument("--transposed", action="store_true", help="U-Net: transposed convolutions, not bilinear")
+    parser.add_argument("--output-stride", type=int, choices=(8, 16), default=16, help="DeepLabV3+: 8 or 16")
+    parser.add_argument("--aux-loss", action="store_true",
+                        help="torchvision DeepLabV3/FCN: add the auxiliary head (its loss counts half)")
+    parser.add_argument("--weights", help="local file of pretrained weights (a full model or a backbone); "
+                                          "never downloaded; without it training starts from scratch")
     parser.add_argument("--class-weights", help="conversion.json whose class_pixel_counts weight the loss "
                                                 "(median frequency)")
     parser.add_argument("--best-by", choices=("miou", "loss"), default="miou", help="what best.pth keeps")

@@ -24,6 +24,22 @@ def build_model(arch: str, **arch_args) -> nn.Module:
     return MODELS[arch](**arch_args)
 
 
+def load_pretrained(model: nn.Module, path: str) -> str:
+    """Copy the tensors of a local weights file into ``model`` where names and shapes match
+    (a class head of another size is skipped); returns a one-line account for the log.
+
+    Never downloads: pretrained weights reach us only as a file the user names.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matching:
+        raise ValueError(f"{path}: no tensor matches the model's names and shapes")
+    model.load_state_dict(matching, strict=False)
+    return f"{len(matching)} of {len(own)} tensors loaded from {path}"
+
+
 def build_from_meta(meta: dict) -> nn.Module:
     """The architecture a checkpoint's ``meta`` describes (weights still to be loaded)."""
     return build_model(meta["arch"], **meta["arch_args"])

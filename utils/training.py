@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from model import build_model, main_logits, model_meta
+from model import build_model, load_pretrained, main_logits, model_meta
 from utils import distributed
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.datasets import PairedDataset, build_dataset
@@ -124,9 +124,14 @@ class Run:
 
 
 def arch_args(args: argparse.Namespace, num_classes: int) -> dict:
+    """The constructor arguments of ``args.model`` (what the checkpoint records to rebuild it)."""
     arguments = {"num_classes": num_classes}
     if args.model == "unet":
         arguments.update(base_width=args.base_width, bilinear=not args.transposed)
+    elif args.model.startswith("deeplabv3plus"):
+        arguments.update(output_stride=args.output_stride)
+    elif args.model.startswith(("deeplabv3_", "fcn_")):
+        arguments.update(aux_loss=args.aux_loss)
     return arguments
 
 
@@ -177,7 +182,9 @@ def prepare(args: argparse.Namespace) -> Run:
     arguments = arch_args(args, len(class_names))
     try:
         bare_model = build_model(args.model, **arguments)
-    except ValueError as error:
+        if args.weights:
+            log.info("pretrained weights: %s", load_pretrained(bare_model, args.weights))
+    except (ValueError, OSError, RuntimeError) as error:
         raise TrainingError(str(error)) from error
     bare_model = bare_model.to(context.device, memory_format=torch.channels_last)
     model = bare_model
@@ -190,7 +197,8 @@ def prepare(args: argparse.Namespace) -> Run:
     optimizer = torch.optim.Adam(bare_model.parameters(), lr=args.lr)
     steps = args.epochs * min(len(train_loader), args.max_steps or len(train_loader))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
-    meta = model_meta(args.model, arguments, class_names, [args.crop_size, args.crop_size],
+    input_size = args.input_size or args.crop_size
+    meta = model_meta(args.model, arguments, class_names, [input_size, input_size],
                       list(IMAGENET_MEAN), list(IMAGENET_STD))
     return Run(args, context, model, bare_model, train_loader, val_loader,
                make_criterion(args, len(class_names), context.device), optimizer, scheduler,

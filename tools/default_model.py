@@ -1,0 +1,136 @@
+"""The recipe for the shipped default model: real COCO images from ../shared/data, our own
+converter and train.py, evaluated on coco-tiny's val split.
+
+    python tools/default_model.py [--setting weighted-ce] [--shared ../shared/data] [--work data/default]
+
+Steps: convert every source with cocomask_to_numpy, link images and masks into one train and
+one val folder (an image is in one split only), count class pixels for the loss weights, train,
+evaluate with test.py, and export the best checkpoint to save/default/model.pth (fp16 storage)
+with save/default/model.json (its metrics, settings and sha256).  Runs on a GPU unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import test as test_script  # noqa: E402
+import train  # noqa: E402
+from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from utils.coco_convert import convert, pixel_counts  # noqa: E402
+from utils.fileio import write_text  # noqa: E402
+
+# (name, annotation file, image folder) under ../shared/data.  tiny-coco's split names are
+# swapped upstream; both halves are training data here, so that does not matter.
+TRAIN_SOURCES = [
+    ("coco128", "coco128/annotations/instances_train2017.json", "coco128/train2017"),
+    ("coco-tiny-train", "coco-tiny/annotations/instances_train2017.json", "coco-tiny/train2017"),
+    ("tiny-coco-a", "tiny-coco/annotations/instances_train2017.json", "tiny-coco/images/train2017"),
+    ("tiny-coco-b", "tiny-coco/annotations/instances_val2017.json", "tiny-coco/images/val2017"),
+    ("coco-val-panoptic", "coco-val-panoptic/annotations/instances_val2017.json", "coco-val-panoptic/val2017"),
+]
+VAL_SOURCE = ("coco-tiny-val", "coco-tiny/annotations/instances_val2017.json", "coco-tiny/val2017")
+
+COMMON = ["--model", "unet", "--crop-size", "256", "--input-size", "640", "--batch-size", "8", "--lr", "1e-3",
+          "--precision", "bf16", "--val-every", "5", "--workers", "2"]
+SETTINGS = {
+    "weighted-ce": COMMON + ["--base-width", "16", "--loss", "ce", "--class-weights", "{counts}", "--epochs", "30"],
+    "plain-ce": COMMON + ["--base-width", "16", "--loss", "ce", "--epochs", "30"],
+}
+
+
+def convert_source(shared: Path, masks: Path, source: tuple[str, str, str]) -> Path:
+    name, annotations, images = source
+    out = masks / name
+    convert(shared / annotations, shared / images, out, workers=2)
+    return out
+
+
+def link_split(shared: Path, work: Path, split: str, sources: list[tuple[str, str, str]],
+               exclude: set[str]) -> int:
+    """Symlink each source's images and masks into ``work/<split>`` and ``work/masks/<split>``;
+    returns how many images the split holds (a re-run links nothing new)."""
+    images, masks = work / split, work / "masks" / split
+    images.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        mask_dir = convert_source(shared, work / "masks-by-source", source)
+        for mask in sorted(mask_dir.glob("*.npy")):
+            image = shared / source[2] / f"{mask.stem}.jpg"
+            if mask.stem in exclude or (images / image.name).exists():
+                continue
+            (images / image.name).symlink_to(image.resolve())
+            (masks / mask.name).symlink_to(mask.resolve())
+    return len(list(masks.glob("*.npy")))
+
+
+def write_class_counts(work: Path) -> Path:
+    """Pixel counts per class over the training masks, in the converter's summary format."""
+    counts = sum(pixel_counts(np.load(p)) for p in sorted((work / "masks" / "train").glob("*.npy")))
+    path = work / "class_counts.json"
+    write_text(path, json.dumps({"class_pixel_counts": counts[:91].tolist(), "ignore_pixels": int(counts[255])}))
+    return path
+
+
+def prepare(shared: Path, work: Path) -> tuple[int, int, Path]:
+    val_stems = {p.stem for p in (shared / VAL_SOURCE[2]).glob("*.jpg")}
+    val = link_split(shared, work, "val", [VAL_SOURCE], set())
+    train_count = link_split(shared, work, "train", TRAIN_SOURCES, val_stems)
+    return train_count, val, write_class_counts(work)
+
+
+def export(checkpoint: Path, out: Path, report: dict, setting: str, seconds: float, counts: tuple[int, int]) -> str:
+    """fp16 weights (loading casts them back to fp32) plus metadata; returns the sha256."""
+    source = load_checkpoint(checkpoint)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in source["model"].items()}
+    metrics = {"pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"],
+               "iou": report["iou"], "support": report["support"]}
+    save_checkpoint(out, {"model": state, "meta": dict(source["meta"], metrics=metrics)})
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    card = {"sha256": digest, "setting": setting, "train_args": SETTINGS[setting], "train_images": counts[0],
+            "val_images": counts[1], "wall_seconds": round(seconds), "device": "cuda" if torch.cuda.is_available()
+            else f"cpu ({torch.get_num_threads()} threads)", **metrics}
+    write_text(out.with_suffix(".json"), json.dumps(card, indent=1))
+    return digest
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="weighted-ce")
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--work", type=Path, default=ROOT / "data" / "default")
+    parser.add_argument("--save-dir", type=Path, default=None, help="training outputs (default: save/<setting>)")
+    parser.add_argument("--out", type=Path, default=ROOT / "save" / "default" / "model.pth")
+    args = parser.parse_args()
+    if not args.shared.is_dir():
+        print(f"error: {args.shared} not found: the recipe trains on ../shared/data", file=sys.stderr)
+        return 2
+    started = time.time()
+    train_count, val_count, counts = prepare(args.shared, args.work)
+    print(f"data: {train_count} training and {val_count} validation images in {args.work}")
+    save_dir = args.save_dir or ROOT / "save" / args.setting
+    common = ["--data-dir", str(args.work), "--mask-dir", str(args.work / "masks"), "--save-dir", str(save_dir)]
+    settings = [a.replace("{counts}", str(counts)) for a in SETTINGS[args.setting]]
+    if train.main(common + settings + ["--train-split", "train", "--val-split", "val"]) != 0:
+        return 2
+    best = save_dir / "best.pth"
+    if test_script.main(["--checkpoint", str(best), "--val-split", "val"] + common) != 0:
+        return 2
+    report = json.loads((save_dir / "metrics.json").read_text())
+    digest = export(best, args.out, report, args.setting, time.time() - started, (train_count, val_count))
+    print(f"exported {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, sha256 {digest}); "
+          f"val pixel accuracy {report['pixel_accuracy']:.4f}, mIoU {report['miou']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
