@@ -1,0 +1,63 @@
+"""Segment an image, a folder of images, a video file or a camera with a trained checkpoint.
+
+    python predict.py --checkpoint save/best.pth --input photo.jpg --out out [--raw]
+        -> out/photo_overlay.jpg, and with --raw out/photo_classes.png (class ids, lossless)
+    python predict.py --checkpoint save/best.pth --input photos/ --out out [--raw]
+        -> the same for every image in the folder (read by content; other files are skipped and counted)
+    python predict.py --checkpoint save/best.pth --input clip.mp4 --out out [--raw]
+        -> out/clip_overlay.mp4 (same size, frame count and FPS, the measured FPS drawn on each frame),
+           and with --raw out/clip_classes/000000.png, 000001.png, ...
+    python predict.py --checkpoint save/best.pth --input 0 --out out --max-frames 100
+        -> camera 0 into out/camera0_overlay.mp4 (300 frames unless --max-frames says otherwise)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from utils.checkpoint import CheckpointError
+from utils.cli import fail, setup_logging
+from utils.fileio import ImageReadError
+from utils.media_prediction import MediaError, predict_media
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a .pth written by train.py")
+    parser.add_argument("--input", required=True,
+                        help="an image, a folder of images, a video file or a camera index such as 0")
+    parser.add_argument("--out", required=True, help="folder for the outputs")
+    parser.add_argument("--raw", action="store_true", help="also write class ids as lossless PNGs")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--alpha", type=unit_fraction, default=0.5, help="opacity of the class colours")
+    parser.add_argument("--max-frames", type=positive_int, default=None,
+                        help="stop a video or camera after this many frames (camera default: 300)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        setup_logging(args.out, "predict.log")
+        predict_media(args)
+    except (MediaError, ImageReadError, CheckpointError, OSError) as error:
+        return fail(error)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
