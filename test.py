@@ -15,15 +15,15 @@ import sys
 import config
 from utils.checkpoint import CheckpointError
 from utils.cli import fail, setup_logging
-from utils.datasets import DatasetError
+from utils.datasets import DatasetError, add_dataset_arguments
 from utils.evaluation import evaluate_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a .pth written by train.py")
-    config.add_arguments(parser, "data_dir", "mask_dir", "save_dir", "batch_size", "workers")
-    parser.add_argument("--val-split", default="val2017", help="image/mask sub-folder to evaluate")
+    add_dataset_arguments(parser)
+    config.add_arguments(parser, "save_dir", "batch_size", "workers")
     parser.add_argument("--save-predictions", metavar="DIR", help="also write each prediction as a class-id PNG")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     return parser.parse_args(argv)

@@ -13,7 +13,7 @@ import sys
 import config
 from utils.checkpoint import CheckpointError
 from utils.cli import fail, setup_logging
-from utils.datasets import DatasetError
+from utils.datasets import DatasetError, add_dataset_arguments
 from utils.drawing_and_timing import compute_time, draw
 
 
@@ -21,9 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("draw", "compute_time"))
     parser.add_argument("--checkpoint", required=True, help="a .pth written by train.py")
-    config.add_arguments(parser, "data_dir", "mask_dir", "save_dir")
-    parser.add_argument("--train-split", default="train2017")
-    parser.add_argument("--val-split", default="val2017")
+    add_dataset_arguments(parser)
+    config.add_arguments(parser, "save_dir")
     parser.add_argument("--count", type=int, default=None,
                         help="images per split to draw (default 20) or to time (default 100)")
     parser.add_argument("--warmup", type=int, default=5, help="compute_time: untimed runs first")

@@ -14,18 +14,17 @@ import sys
 import config
 from utils.checkpoint import CheckpointError
 from utils.cli import fail, setup_logging
-from utils.datasets import DatasetError
+from utils.datasets import DatasetError, add_dataset_arguments
+from utils.losses import CLASS_WEIGHT_MODES
 from utils.precision import PRECISIONS
 from utils.training import TrainingError, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(parser, "data_dir", "mask_dir", "save_dir", "model", "base_width", "crop_size", "lr",
-                         "loss", "focal_alpha", "focal_gamma", "epochs", "batch_size", "workers", "seed",
-                         "val_every")
-    parser.add_argument("--train-split", default="train2017", help="image/mask sub-folder for training")
-    parser.add_argument("--val-split", default="val2017", help="image/mask sub-folder for validation")
+    add_dataset_arguments(parser)
+    config.add_arguments(parser, "save_dir", "model", "base_width", "crop_size", "lr", "loss", "focal_alpha",
+                         "focal_gamma", "epochs", "batch_size", "workers", "seed", "val_every")
     parser.add_argument("--input-size", type=int, default=None,
                         help="long side the predictor resizes images to (default: the crop size); a fully "
                              "convolutional model trained on crops of full-size images is best served near that size")
@@ -37,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                           "never downloaded; without it training starts from scratch")
     parser.add_argument("--class-weights", help="conversion.json whose class_pixel_counts weight the loss "
                                                 "(median frequency)")
+    parser.add_argument("--class-weight-mode", choices=CLASS_WEIGHT_MODES, default="median_frequency",
+                        help="how --class-weights turns pixel counts into weights")
     parser.add_argument("--best-by", choices=("miou", "loss"), default="miou", help="what best.pth keeps")
     parser.add_argument("--max-steps", type=int, default=None, help="at most this many batches per epoch")
     parser.add_argument("--resume", action="store_true", help="continue from <save-dir>/last.pth")

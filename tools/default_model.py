@@ -40,11 +40,12 @@ TRAIN_SOURCES = [
 ]
 VAL_SOURCE = ("coco-tiny-val", "coco-tiny/annotations/instances_val2017.json", "coco-tiny/val2017")
 
-COMMON = ["--model", "unet", "--crop-size", "256", "--input-size", "640", "--batch-size", "8", "--lr", "1e-3",
-          "--precision", "bf16", "--val-every", "5", "--workers", "2"]
+COMMON = ["--model", "unet", "--base-width", "16", "--crop-size", "256", "--input-size", "640", "--batch-size", "8",
+          "--lr", "1e-3", "--precision", "bf16", "--val-every", "5", "--workers", "1", "--loss", "ce", "--epochs", "25"]
 SETTINGS = {
-    "weighted-ce": COMMON + ["--base-width", "16", "--loss", "ce", "--class-weights", "{counts}", "--epochs", "30"],
-    "plain-ce": COMMON + ["--base-width", "16", "--loss", "ce", "--epochs", "30"],
+    "plain-ce": COMMON,
+    "sqrt-weighted-ce": COMMON + ["--class-weights", "{counts}", "--class-weight-mode", "sqrt_median_frequency"],
+    "weighted-ce": COMMON + ["--class-weights", "{counts}", "--class-weight-mode", "median_frequency"],
 }
 
 
@@ -105,7 +106,7 @@ def export(checkpoint: Path, out: Path, report: dict, setting: str, seconds: flo
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="weighted-ce")
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="plain-ce")
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--work", type=Path, default=ROOT / "data" / "default")
     parser.add_argument("--save-dir", type=Path, default=None, help="training outputs (default: save/<setting>)")

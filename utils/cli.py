@@ -19,9 +19,16 @@ def setup_logging(save_dir: str | os.PathLike, file_name: str) -> None:
 
 
 def fail(error: BaseException) -> int:
-    """Print ``error`` as one line for a person (a DataLoader worker's message carries a
-    traceback; its last line is the real message) and return the exit code 2."""
+    """Print ``error`` as one line for a person and return the exit code 2.
+
+    A DataLoader worker's error arrives with the worker's traceback in its message: the last
+    line holds the real message.  Other messages (torch.load's, say) may run on for lines of
+    advice: the first line says what went wrong.
+    """
     lines = str(error).strip().splitlines() or [type(error).__name__]
-    message = lines[-1].split(": ", 1)[-1] if len(lines) > 1 else lines[-1]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        message = lines[-1].split(": ", 1)[-1]
+    else:
+        message = lines[0]
     print(f"error: {message}", file=sys.stderr)
     return 2

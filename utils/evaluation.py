@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 from model import build_from_meta, main_logits
 from utils import distributed
 from utils.checkpoint import load_checkpoint
-from utils.datasets import PairedDataset, build_dataset
+from utils.datasets import DatasetError, PairedDataset, build_dataset
 from utils.fileio import atomic_path, write_text
 from utils.metrics import ConfusionMatrix
 from utils.plots import plot_class_iou, plot_confusion_matrix
@@ -90,6 +90,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     try:
         model, meta = load_model(args.checkpoint, context.device)
         dataset = build_dataset(args, "val", EvalTransform(tuple(meta["mean"]), tuple(meta["std"])))
+        if dataset.num_classes != meta["num_classes"]:
+            raise DatasetError(f"the dataset has {dataset.num_classes} classes but {args.checkpoint} predicts "
+                               f"{meta['num_classes']}: pass the class names it was trained with")
         indices = list(distributed.ShardSampler(len(dataset), context))
         loader = DataLoader(dataset, batch_sampler=SizeGroupedBatches(dataset, indices, args.batch_size),
                             num_workers=args.workers)

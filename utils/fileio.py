@@ -61,6 +61,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def displayed_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) as displayed (EXIF orientation applied), from the header only."""
+    with Image.open(path) as image:
+        width, height = image.size
+        transposed = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    return (width, height) if transposed else (height, width)
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Read an image file by its content (not its extension) as 8-bit RGB."""
     try:

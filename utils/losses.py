@@ -60,11 +60,16 @@ def build_loss(name: str, **kwargs) -> nn.Module:
     return LOSSES[name](**kwargs)
 
 
+CLASS_WEIGHT_MODES = ("median_frequency", "sqrt_median_frequency", "inverse_frequency")
+
+
 def class_weights_from_counts(pixel_counts: Sequence[int], mode: str = "median_frequency") -> torch.Tensor:
     """Per-class loss weights from per-class pixel counts; classes never seen get weight 0.
 
     ``median_frequency`` (Eigen & Fergus): median count / count, so the median class weighs 1.
     ``inverse_frequency``: total / (classes seen * count), so weights average 1 over the pixels.
+    ``sqrt_median_frequency``: the square root of median frequency: rare classes still count
+    more, without the hundredfold weights that stall training on small, skewed data.
     """
     counts = np.asarray(pixel_counts, dtype=np.float64)
     if counts.ndim != 1 or (counts < 0).any():
@@ -72,12 +77,14 @@ def class_weights_from_counts(pixel_counts: Sequence[int], mode: str = "median_f
     seen = counts > 0
     if not seen.any():
         raise ValueError("no class has any pixel: cannot derive class weights")
-    if mode == "median_frequency":
+    if mode in ("median_frequency", "sqrt_median_frequency"):
         numerator = np.median(counts[seen])
     elif mode == "inverse_frequency":
         numerator = counts.sum() / seen.sum()
     else:
-        raise ValueError(f"unknown class weight mode {mode!r}; known: median_frequency, inverse_frequency")
+        raise ValueError(f"unknown class weight mode {mode!r}; known: {', '.join(CLASS_WEIGHT_MODES)}")
     weights = np.zeros_like(counts)
     weights[seen] = numerator / counts[seen]
+    if mode == "sqrt_median_frequency":
+        weights = np.sqrt(weights)
     return torch.from_numpy(weights).float()

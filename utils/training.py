@@ -157,7 +157,7 @@ def make_criterion(args: argparse.Namespace, num_classes: int, device: torch.dev
     weights = None
     if args.class_weights:
         counts = read_class_counts(args.class_weights, num_classes)
-        weights = class_weights_from_counts(counts).to(device)
+        weights = class_weights_from_counts(counts, args.class_weight_mode).to(device)
     if args.loss == "focal":
         alpha = weights if weights is not None else args.focal_alpha
         return build_loss("focal", alpha=alpha, gamma=args.focal_gamma)
