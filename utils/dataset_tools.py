@@ -1,0 +1,86 @@
+"""Dataset chores: split lists, a verification report, and overlays to look at."""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from model.predictor import render_overlay
+from utils.dataset_layouts import LIST_PAIR_FOLDERS, LayoutError, pair_folders
+from utils.datasets import DatasetError, PairedDataset
+from utils.fileio import atomic_path, write_text
+
+log = logging.getLogger("dataset")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def all_pairs(root: Path, voc: bool = False) -> list[tuple[Path, Path]]:
+    """Every image/mask pair of a dataset that has no split yet (one image folder, one mask folder)."""
+    candidates = [("JPEGImages", "SegmentationClass")] if voc else LIST_PAIR_FOLDERS
+    for images, masks in candidates:
+        if (root / images).is_dir() and (root / masks).is_dir():
+            return pair_folders(root / images, root / masks)
+    raise LayoutError(f"{root} has none of the folder pairs {', '.join('/'.join(c) for c in candidates)}")
+
+
+def split_counts(total: int, ratios: list[float]) -> list[int]:
+    """Sizes proportional to ``ratios`` that add up to ``total`` (largest remainders first)."""
+    exact = [total * r / sum(ratios) for r in ratios]
+    counts = [int(x) for x in exact]
+    for index in sorted(range(len(ratios)), key=lambda i: exact[i] - counts[i], reverse=True)[: total - sum(counts)]:
+        counts[index] += 1
+    return counts
+
+
+def write_splits(root: Path, out: Path, ratios: list[float], seed: int, voc: bool = False) -> dict[str, int]:
+    """Shuffle the pairs (seeded) into train/val/test lists under ``out``; no file moves."""
+    pairs = all_pairs(root, voc)
+    random.Random(seed).shuffle(pairs)
+    sizes = split_counts(len(pairs), ratios)
+    written, start = {}, 0
+    for name, size in zip(SPLIT_NAMES, sizes, strict=False):
+        chosen = sorted(pairs[start:start + size])
+        start += size
+        lines = [f"{image.relative_to(root)} {mask.relative_to(root)}" for image, mask in chosen]
+        write_text(out / f"{name}.txt", "\n".join(lines) + "\n")
+        written[name] = len(chosen)
+    return written
+
+
+def verify(dataset: PairedDataset) -> tuple[list[str], np.ndarray]:
+    """Problems found (one line each) and the pixel count per class over the whole split."""
+    problems, counts = [], np.zeros(256, np.int64)
+    for index in tqdm(range(len(dataset)), desc="verify", dynamic_ncols=True):
+        try:
+            _, mask = dataset.load(index)
+        except DatasetError as error:
+            problems.append(str(error))
+            continue
+        counts += np.bincount(mask.ravel(), minlength=256)
+    return problems, counts
+
+
+def format_class_shares(counts: np.ndarray, class_names: list[str]) -> str:
+    total = counts.sum()
+    lines = [f"{'id':>3}  {'class':<20} {'pixels':>14} {'share':>8}"]
+    for class_id, name in enumerate(class_names):
+        lines.append(f"{class_id:>3}  {name:<20} {counts[class_id]:>14,} {counts[class_id] / max(total, 1):8.2%}")
+    lines.append(f"{'':>3}  {'(ignore)':<20} {counts[255]:>14,} {counts[255] / max(total, 1):8.2%}")
+    return "\n".join(lines)
+
+
+def visualize(dataset: PairedDataset, out: Path, count: int, seed: int) -> int:
+    """Write ``count`` randomly chosen images with their mask blended in."""
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = sorted(random.Random(seed).sample(range(len(dataset)), min(count, len(dataset))))
+    for index in tqdm(chosen, desc="visualize", dynamic_ncols=True):
+        image, mask = dataset.load(index)
+        labels = np.where(mask == 255, 0, mask).astype(np.uint8)  # ignore shown as the plain photo
+        overlay = render_overlay(Image.fromarray(image), labels)
+        with atomic_path(out / f"{dataset.pairs[index][0].stem}_overlay.jpg") as tmp:
+            overlay.save(tmp, format="JPEG", quality=90)
+    return len(chosen)
