@@ -9,11 +9,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from model.deeplabv3plus import DeepLabV3Plus
+from model.torchvision_models import TORCHVISION_MODELS
 from model.unet import UNet
 from utils.classes import IGNORE_INDEX
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "unet": UNet,
+    "deeplabv3plus_mobilenetv2": DeepLabV3Plus,
+    **TORCHVISION_MODELS,
 }
 
 

@@ -1,0 +1,155 @@
+"""Every registered architecture on CPU: shapes at odd sizes, a few training steps, the
+checkpoint -> Predictor round trip, and local pretrained weights.  Tiny inputs keep it quick;
+the ResNet-101 models only build and run forward once."""
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import mobilenet_v2, resnet18
+from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+from model import MODELS, build_model, load_pretrained, model_meta
+from model.deeplabv3plus import DeepLabV3Plus
+from model.predictor import Predictor
+from utils.checkpoint import save_checkpoint
+from utils.training import compute_loss
+from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+NUM_CLASSES = 3
+CLASS_NAMES = ["background", "cat", "dog"]
+ODD_SIZE = (65, 47)
+EXTRA_ARGS = {"unet": {"base_width": 4}}  # the rest are tested at their default widths
+HEAVY = {"deeplabv3_resnet101", "fcn_resnet101"}
+QUICK_TO_TRAIN = ["unet", "deeplabv3plus_mobilenetv2", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
+
+
+def takes_aux_loss(arch: str) -> bool:
+    return "aux_loss" in inspect.signature(MODELS[arch]).parameters
+
+
+def arch_args(arch: str, **overrides) -> dict:
+    return {"num_classes": NUM_CLASSES, **EXTRA_ARGS.get(arch, {}), **overrides}
+
+
+def seeded_model(arch: str, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(arch, **arch_args(arch, **overrides))
+
+
+def outputs_as_dict(outputs: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return outputs if isinstance(outputs, dict) else {"out": outputs}
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_every_architecture_predicts_at_the_input_size(arch):
+    # The auxiliary head, where there is one, is built too so that its output is checked as well.
+    model = seeded_model(arch, **({"aux_loss": True} if takes_aux_loss(arch) else {})).eval()
+    with torch.no_grad():
+        outputs = outputs_as_dict(model(torch.randn(1, 3, *ODD_SIZE)))
+    assert set(outputs) == ({"out", "aux"} if takes_aux_loss(arch) else {"out"})
+    for logits in outputs.values():
+        assert logits.shape == (1, NUM_CLASSES, *ODD_SIZE)
+        assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("aux_loss", [False, True])
+def test_aux_loss_adds_the_auxiliary_output(aux_loss):
+    model = seeded_model("deeplabv3_mobilenet_v3_large", aux_loss=aux_loss).eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(1, 3, 32, 32))
+    assert ("aux" in outputs) == aux_loss
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_deeplabv3plus_keeps_the_output_stride_and_trains_on_single_images(output_stride):
+    model = seeded_model("deeplabv3plus_mobilenetv2", output_stride=output_stride).train()
+    aspp_input_sizes = []
+    model.aspp.register_forward_hook(lambda module, inputs, output: aspp_input_sizes.append(inputs[0].shape[-2:]))
+    # Batch size 1 in training mode: BatchNorm after the image pooling would fail here.
+    logits = model(torch.randn(1, 3, *ODD_SIZE))
+    logits.mean().backward()
+    assert logits.shape == (1, NUM_CLASSES, *ODD_SIZE)
+    assert aspp_input_sizes == [tuple(math.ceil(side / output_stride) for side in ODD_SIZE)]
+
+
+def test_deeplabv3plus_rejects_other_output_strides():
+    with pytest.raises(ValueError, match="output_stride must be one of \\[8, 16\\], got 32"):
+        DeepLabV3Plus(num_classes=NUM_CLASSES, output_stride=32)
+
+
+@pytest.mark.parametrize("arch", QUICK_TO_TRAIN)
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(arch):
+    model = seeded_model(arch, **({"aux_loss": True} if takes_aux_loss(arch) else {})).train()
+    images = torch.randn(2, 3, 64, 64)
+    # One vertical stripe per class: a target a few steps can fit, unlike per-pixel noise.
+    masks = (torch.arange(64) * NUM_CLASSES // 64).expand(2, 64, 64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    criterion = torch.nn.CrossEntropyLoss()
+    losses = []
+    for _ in range(5):
+        loss = compute_loss(criterion, model(images), masks)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("arch", sorted(set(MODELS) - HEAVY))
+def test_a_saved_checkpoint_serves_through_the_predictor(tmp_path, arch):
+    model = seeded_model(arch).eval()
+    meta = model_meta(arch, arch_args(arch), CLASS_NAMES, [64, 64], IMAGENET_MEAN, IMAGENET_STD)
+    path = tmp_path / "model.pth"
+    save_checkpoint(path, {"model": model.state_dict(), "meta": meta})
+
+    predictor = Predictor.from_checkpoint(path, device="cpu")
+    path.unlink()  # ResNet-50 checkpoints weigh ~150 MB, and pytest keeps its last three tmp dirs
+    pixels = np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8)
+    prediction = predictor.predict(Image.fromarray(pixels))
+
+    assert prediction.class_map.shape == (37, 50)
+    assert prediction.class_map.max() < NUM_CLASSES
+    rebuilt = predictor.model.state_dict()
+    assert all(torch.equal(rebuilt[key], value) for key, value in model.state_dict().items())
+
+
+def test_a_torchvision_mobilenet_v2_file_fills_the_deeplabv3plus_backbone(tmp_path):
+    model = seeded_model("deeplabv3plus_mobilenetv2")
+    torch.manual_seed(1)
+    backbone = mobilenet_v2(weights=None).state_dict()
+    path = tmp_path / "mobilenet_v2.pth"
+    torch.save(backbone, path)
+
+    message = load_pretrained(model, str(path))
+
+    loaded = model.features.state_dict()
+    assert message == f"{len(loaded)} of {len(model.state_dict())} tensors loaded from {path}"
+    assert all(torch.equal(value, backbone[f"features.{key}"]) for key, value in loaded.items())
+
+
+def test_a_torchvision_segmentation_file_loads_all_but_the_class_layer(tmp_path):
+    model = seeded_model("deeplabv3_mobilenet_v3_large")
+    torch.manual_seed(1)
+    voc_state = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21).state_dict()
+    path = tmp_path / "deeplabv3_voc.pth"
+    torch.save(voc_state, path)
+
+    message = load_pretrained(model, str(path))
+
+    own = model.state_dict()
+    class_layer = {key for key, value in own.items() if value.shape != voc_state[key].shape}
+    assert class_layer == {"classifier.4.weight", "classifier.4.bias"}
+    assert message == f"{len(own) - 2} of {len(own)} tensors loaded from {path}"
+    assert all(torch.equal(own[key], voc_state[key]) for key in own.keys() - class_layer)
+
+
+def test_a_weights_file_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet18(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match="no tensor matches"):
+        load_pretrained(seeded_model("deeplabv3plus_mobilenetv2"), str(path))
