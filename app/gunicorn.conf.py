@@ -2,13 +2,19 @@
 
 Each worker builds its own app and loads the model after the fork (post_worker_init), so
 the parent never touches torch or CUDA.  Tune with the environment:
-SEG_BIND (0.0.0.0:8000), SEG_WORKERS (2), SEG_THREADS_PER_WORKER (2), SEG_THREADS (torch threads).
+SEG_BIND (0.0.0.0:8000), SEG_WORKERS (2), SEG_THREADS_PER_WORKER (2 request threads),
+SEG_THREADS (torch threads per worker; default: the cores shared out among the workers),
+SEG_PRECISION (auto | fp32 | bf16), SEG_COMPILE (1: torch.compile at worker start).
+The defaults are the best setting measured by bench/serve.py (see bench/README.md).
 """
 import os
 
 bind = os.environ.get("SEG_BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("SEG_WORKERS", "2"))
 threads = int(os.environ.get("SEG_THREADS_PER_WORKER", "2"))
+# Each worker's torch would otherwise start one thread per core: workers x cores threads fighting
+# over the cores.  Set before the fork, so every worker's settings read it.
+os.environ.setdefault("SEG_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
 worker_class = "gthread"
 timeout = int(os.environ.get("SEG_TIMEOUT", "120"))
 graceful_timeout = 30

@@ -24,9 +24,12 @@ class Segmenter:
     """Loads the checkpoint on first use (or ``load()`` at worker start), never at import,
     so gunicorn's parent never touches torch/CUDA before forking."""
 
-    def __init__(self, checkpoint: str, threads: int | None = None) -> None:
+    def __init__(self, checkpoint: str, threads: int | None = None, precision: str = "auto",
+                 compiled: bool = False) -> None:
         self.checkpoint = checkpoint
         self.threads = threads
+        self.precision = precision
+        self.compiled = compiled
         self._predictor: Predictor | None = None
         self._load_lock = threading.Lock()
         # One forward at a time per worker: parallel forwards would only fight over the same cores.
@@ -39,7 +42,8 @@ class Segmenter:
     def load(self) -> Predictor:
         with self._load_lock:
             if self._predictor is None:
-                self._predictor = Predictor.from_checkpoint(self.checkpoint, threads=self.threads)
+                self._predictor = Predictor.from_checkpoint(self.checkpoint, threads=self.threads,
+                                                            precision=self.precision, compiled=self.compiled)
         return self._predictor
 
     def segment(self, image: Image.Image) -> Segmentation:
@@ -57,5 +61,5 @@ class Segmenter:
         meta = predictor.meta
         return {"architecture": meta["arch"], "arch_args": meta["arch_args"], "checkpoint": Path(self.checkpoint).name,
                 "classes": meta["class_names"], "num_classes": meta["num_classes"],
-                "input_size": meta["input_size"], "device": str(predictor.device),
+                "input_size": meta["input_size"], "device": str(predictor.device), "precision": predictor.precision,
                 "metrics": meta.get("metrics", {})}

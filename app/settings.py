@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from utils.precision import PRECISIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = ROOT / "save" / "default" / "model.pth"
 
@@ -14,6 +16,13 @@ def _int(name: str, default: int) -> int:
         return int(raw) if raw not in (None, "") else default
     except ValueError as error:
         raise SystemExit(f"{name}={raw!r} is not a whole number") from error
+
+
+def _choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = os.environ.get(name) or default
+    if raw not in choices:
+        raise SystemExit(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return raw
 
 
 def from_environment() -> dict:
@@ -27,6 +36,8 @@ def from_environment() -> dict:
         "MAX_CONTENT_LENGTH": _int("SEG_MAX_BYTES", 20 * 1024 * 1024),
         "MAX_PIXELS": _int("SEG_MAX_PIXELS", 40_000_000),
         "TORCH_THREADS": int(threads) if threads else None,
+        "PRECISION": _choice("SEG_PRECISION", PRECISIONS, "auto"),
+        "COMPILE": os.environ.get("SEG_COMPILE", "0") == "1",
         "API_TOKEN": os.environ.get("SEG_API_TOKEN") or None,
         "PAGE_PUBLIC": os.environ.get("SEG_PAGE_PUBLIC", "0") == "1",
         "LOAD_MODEL_AT_START": os.environ.get("SEG_LOAD_MODEL_AT_START", "1") == "1",

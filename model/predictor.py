@@ -5,8 +5,10 @@ image is decoded, resized, normalised and decoded back in exactly one way.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,10 +18,20 @@ from PIL import Image
 from torch import nn
 
 from model import build_from_meta, main_logits
+from model.export_onnx import export_onnx, onnxruntime_session, run_session
 from utils.checkpoint import load_checkpoint
 from utils.classes import palette
 from utils.fileio import to_rgb
-from utils.transforms import padded_size, to_tensor
+from utils.precision import PRECISIONS, cpu_supports_bf16
+from utils.precision_guard import bf16_allowed
+from utils.transforms import SIZE_MULTIPLE, padded_size, to_tensor
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+Forward = Callable[[torch.Tensor], torch.Tensor]  # 1 x 3 x h x w input -> 1 x C x h x w logits
 
 
 def pick_device(prefer: str | torch.device | None = None) -> torch.device:
@@ -27,6 +39,44 @@ def pick_device(prefer: str | torch.device | None = None) -> torch.device:
     if prefer is not None:
         return torch.device(prefer)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def choose_precision(requested: str, device: torch.device, guard_passed: Callable[[], bool]) -> str:
+    """"fp32", "bf16" or "fp16": what the network runs in for ``requested`` ("auto", "fp32", "bf16").
+
+    "auto" takes the reduced precision of the hardware (fp16 on CUDA, bf16 on CPUs with native
+    bf16) only when ``guard_passed()``: the checkpoint's fp32/bf16 comparison allowed it.  The
+    CPU never runs bf16 without native support, where it is emulated and slower than fp32.
+    """
+    if requested == "fp32":
+        return "fp32"
+    native = device.type == "cuda" or cpu_supports_bf16()
+    if not native:
+        if requested == "bf16":
+            log.warning("bf16 requested, but this CPU has no native bf16: running fp32")
+        return "fp32"
+    if requested == "bf16":
+        return "bf16"
+    if not guard_passed():
+        return "fp32"
+    return "fp16" if device.type == "cuda" else "bf16"
+
+
+def torch_forward(model: nn.Module, device: torch.device, precision: str) -> Forward:
+    dtype = AUTOCAST_DTYPES.get(precision)
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return main_logits(model(batch))
+    return forward
+
+
+def compiled_forward(model: nn.Module, device: torch.device, precision: str) -> Forward:
+    """``torch_forward`` through torch.compile, with shapes symbolic so that each new image size
+    does not trigger a recompilation."""
+    # Freezing folds batch norm into the convolutions and pre-packs the weights for the CPU kernels.
+    torch._inductor.config.freezing = True
+    return torch.compile(torch_forward(model, device, precision), dynamic=True)
 
 
 @dataclass(frozen=True)
@@ -68,26 +118,66 @@ def class_map_dtype(num_classes: int) -> torch.dtype:
 
 
 class Predictor:
-    """A model rebuilt from a checkpoint, with the preprocessing its ``meta`` prescribes."""
+    """A model rebuilt from a checkpoint, with the preprocessing its ``meta`` prescribes.
 
-    def __init__(self, model: nn.Module, meta: dict, device: torch.device) -> None:
+    ``precision`` is what the network runs in: "fp32", "bf16" or "fp16" (see choose_precision);
+    ``forward`` maps the 1 x 3 x h x w input to 1 x C x h x w logits (default: ``model`` in
+    that precision).
+    """
+
+    def __init__(self, model: nn.Module, meta: dict, device: torch.device, precision: str = "fp32",
+                 forward: Forward | None = None) -> None:
         self.meta = meta
         self.class_names: list[str] = list(meta["class_names"])
         self.num_classes: int = meta["num_classes"]
         self.input_size: tuple[int, int] = tuple(meta["input_size"])
         self.device = device
+        self.precision = precision
         self.model = model.to(device, memory_format=torch.channels_last).eval()
+        self.forward: Forward = forward or torch_forward(self.model, device, precision)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        threads: int | None = None) -> Predictor:
+                        threads: int | None = None, precision: str = "auto", compiled: bool = False,
+                        backend: str = "torch") -> Predictor:
+        """Load ``path`` and run one warm-up prediction, so the first real request is not the slow one.
+
+        ``precision``: "auto" (bf16/fp16 where the hardware has it and the checkpoint's precision
+        guard passed, else fp32), "fp32" or "bf16".  ``compiled``: torch.compile the network (its
+        cost is paid here, in the warm-up).  ``backend``: "torch" or "onnxruntime" (CPU, fp32).
+        """
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         if threads is not None:
             torch.set_num_threads(threads)
         device = pick_device(device)
         checkpoint = load_checkpoint(path, map_location=device)
         model = build_from_meta(checkpoint["meta"])
         model.load_state_dict(checkpoint["model"])
-        return cls(model, checkpoint["meta"], device)
+        if backend == "onnxruntime":
+            predictor = cls.on_onnxruntime(model, checkpoint["meta"], device, precision)
+        else:
+            chosen = choose_precision(precision, device, lambda: bf16_allowed(path))
+            predictor = cls(model, checkpoint["meta"], device, chosen)
+            if compiled:
+                predictor.forward = compiled_forward(predictor.model, device, chosen)
+        predictor.warm_up()
+        return predictor
+
+    @classmethod
+    def on_onnxruntime(cls, model: nn.Module, meta: dict, device: torch.device, precision: str) -> Predictor:
+        if device.type != "cpu" or precision == "bf16":
+            raise ValueError("the onnxruntime backend runs on the CPU in fp32 only")
+        session = onnxruntime_session(export_onnx(model))
+        return cls(model, meta, device, "fp32", lambda batch: run_session(session, batch))
+
+    def warm_up(self) -> None:
+        """One prediction on a blank landscape photo of the network's size (compiles, if compiled)."""
+        long_side = max(self.input_size)
+        # Not square even once padded: torch.compile would take height == width as a rule and recompile.
+        self.predict(Image.new("RGB", (long_side, max(1, long_side - SIZE_MULTIPLE))))
 
     def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, PreprocessInfo]:
         """1 x 3 x h x w network input: long side scaled to the training size, normalised,
@@ -107,16 +197,22 @@ class Predictor:
         """Class ids and confidences for every pixel of ``image`` (EXIF rotation applied)."""
         started = time.perf_counter()
         batch, info = self.preprocess(image)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
-            logits = main_logits(self.model(batch))
+        logits = self.forward(batch)
         height, width = info.resized_size
         class_ids, confidence = top_class_and_confidence(logits[0, :, :height, :width])
-        # Mapping the two maps back, never the C-channel logits, keeps large images cheap.
-        class_plane, confidence_plane = resize_nearest(torch.stack([class_ids.float(), confidence]),
-                                                       *info.original_size)
-        return Prediction(class_map=class_plane.to(class_map_dtype(self.num_classes)).cpu().numpy(),
-                          confidence=confidence_plane.cpu().numpy(),
+        class_map, confidence = to_original_size(class_ids, confidence, info.original_size, self.num_classes)
+        return Prediction(class_map=class_map, confidence=confidence,
                           inference_ms=(time.perf_counter() - started) * 1000)
+
+
+def to_original_size(class_ids: torch.Tensor, confidence: torch.Tensor, size: tuple[int, int],
+                     num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two h x w maps resized (nearest) to ``size`` as numpy arrays; never the C-channel
+    logits, which keeps large images cheap."""
+    if tuple(class_ids.shape) == size:
+        return class_ids.to(class_map_dtype(num_classes)).cpu().numpy(), confidence.cpu().numpy()
+    class_plane, confidence_plane = resize_nearest(torch.stack([class_ids.float(), confidence]), *size)
+    return class_plane.to(class_map_dtype(num_classes)).cpu().numpy(), confidence_plane.cpu().numpy()
 
 
 def summarize(prediction: Prediction, class_names: list[str]) -> list[dict]:

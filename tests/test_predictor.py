@@ -8,8 +8,16 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+import model.predictor
 from model import build_model, model_meta
-from model.predictor import Prediction, Predictor, pick_device, render_overlay, summarize
+from model.predictor import (
+    Prediction,
+    Predictor,
+    choose_precision,
+    pick_device,
+    render_overlay,
+    summarize,
+)
 from utils.checkpoint import save_checkpoint
 from utils.classes import palette
 from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
@@ -174,3 +182,95 @@ def test_overlay_blends_the_palette_and_leaves_background_alone():
 def test_overlay_refuses_a_class_map_of_another_size():
     with pytest.raises(ValueError, match="does not match"):
         render_overlay(noise_image(5, 4), np.zeros((5, 4), dtype=np.uint8))
+
+
+# ------------------------------------------------------------------ execution modes
+
+
+@pytest.mark.parametrize("requested, device, native, guard, expected", [
+    ("fp32", "cpu", True, True, "fp32"),
+    ("auto", "cpu", True, True, "bf16"),
+    ("auto", "cpu", True, False, "fp32"),
+    ("auto", "cpu", False, True, "fp32"),  # emulated bf16 is slower than fp32
+    ("bf16", "cpu", True, False, "bf16"),  # an explicit choice needs no guard
+    ("bf16", "cpu", False, True, "fp32"),
+    ("auto", "cuda", False, True, "fp16"),
+    ("auto", "cuda", False, False, "fp32"),
+    ("bf16", "cuda", False, False, "bf16"),
+    ("fp32", "cuda", False, True, "fp32"),
+])
+def test_choose_precision_follows_hardware_guard_and_request(monkeypatch, requested, device, native, guard, expected):
+    monkeypatch.setattr(model.predictor, "cpu_supports_bf16", lambda: native)
+    assert choose_precision(requested, torch.device(device), lambda: guard) == expected
+
+
+def test_the_guard_is_not_read_when_it_cannot_change_the_choice(monkeypatch):
+    def unreadable() -> bool:
+        raise AssertionError("guard consulted")
+    monkeypatch.setattr(model.predictor, "cpu_supports_bf16", lambda: False)
+    assert choose_precision("auto", torch.device("cpu"), unreadable) == "fp32"
+    assert choose_precision("fp32", torch.device("cuda"), unreadable) == "fp32"
+
+
+def test_unknown_precision_or_backend_is_refused(checkpoint_path):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Predictor.from_checkpoint(checkpoint_path, device="cpu", precision="fp8")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Predictor.from_checkpoint(checkpoint_path, device="cpu", backend="tensorrt")
+
+
+def test_bf16_predictions_are_valid_and_mostly_agree_with_fp32(checkpoint_path, predictor, monkeypatch):
+    monkeypatch.setattr(model.predictor, "cpu_supports_bf16", lambda: True)
+    bf16 = Predictor.from_checkpoint(checkpoint_path, device="cpu", precision="bf16")
+    assert bf16.precision == "bf16" and predictor.precision == "fp32"  # no guard record: auto stays fp32
+    image = noise_image(53, 37)
+    reduced, full = bf16.predict(image), predictor.predict(image)
+    assert_valid(reduced, 37, 53)
+    # A random tiny network has near-ties everywhere; the logits still agree to bf16's precision.
+    np.testing.assert_allclose(reduced.confidence, full.confidence, atol=0.05)
+
+
+def test_compiled_predictor_matches_eager_without_recompiling_per_size(checkpoint_path, predictor):
+    compiled = Predictor.from_checkpoint(checkpoint_path, device="cpu", precision="fp32", compiled=True)
+    graphs = dict(torch._dynamo.utils.counters["stats"])
+
+    def check(width: int, height: int) -> None:
+        image = noise_image(width, height, seed=width)
+        expected, actual = predictor.predict(image), compiled.predict(image)
+        assert_valid(actual, height, width)
+        np.testing.assert_array_equal(actual.class_map, expected.class_map)
+        np.testing.assert_allclose(actual.confidence, expected.confidence, rtol=1e-4)
+
+    for width, height in ((53, 37), (37, 53), (97, 101)):
+        check(width, height)
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs  # the warm-up compiled for every size
+    check(200, 5)  # 1 pixel high at the bottom of the U-Net: one more graph, still right
+
+
+def test_onnxruntime_backend_matches_torch(checkpoint_path, predictor):
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnx + onnxscript (requirements-dev.txt)")
+    pytest.importorskip("onnxruntime", reason="the backend needs onnxruntime (requirements-dev.txt)")
+    onnx = Predictor.from_checkpoint(checkpoint_path, device="cpu", backend="onnxruntime")
+    assert onnx.precision == "fp32"
+    for width, height in ((53, 37), (48, 32), (97, 101)):
+        image = noise_image(width, height, seed=height)
+        expected, actual = predictor.predict(image), onnx.predict(image)
+        assert_valid(actual, height, width)
+        np.testing.assert_array_equal(actual.class_map, expected.class_map)
+        np.testing.assert_allclose(actual.confidence, expected.confidence, rtol=1e-4)
+
+
+def test_onnxruntime_backend_refuses_bf16(checkpoint_path):
+    with pytest.raises(ValueError, match="fp32 only"):
+        Predictor.from_checkpoint(checkpoint_path, device="cpu", precision="bf16", backend="onnxruntime")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("precision, expected", [("fp32", "fp32"), ("bf16", "bf16"), ("auto", "fp32")])
+def test_cuda_predictions_match_the_cpu_in_each_precision(checkpoint_path, predictor, precision, expected):
+    cuda = Predictor.from_checkpoint(checkpoint_path, device="cuda", precision=precision)
+    assert cuda.precision == expected and next(cuda.model.parameters()).is_cuda
+    image = noise_image(97, 101)
+    prediction = cuda.predict(image)
+    assert_valid(prediction, 101, 97)
+    np.testing.assert_allclose(prediction.confidence, predictor.predict(image).confidence, atol=0.05)

@@ -1,0 +1,58 @@
+"""Export a checkpoint to ONNX (any height and width), checked against PyTorch on odd sizes.
+
+    python export_onnx.py --checkpoint save/default/model.pth [--out save/default/model.onnx]
+
+Input ``images`` (N x 3 x H x W, normalised as the checkpoint's meta says), output ``logits``
+(N x C x H x W).  Needs onnx, onnxscript and onnxruntime (pip install -r requirements-dev.txt).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from model.export_onnx import CHECK_SIZES, export_onnx, largest_difference, onnxruntime_session
+from utils.checkpoint import CheckpointError
+from utils.cli import fail
+from utils.evaluation import load_model
+from utils.fileio import atomic_path
+
+TOLERANCE = 1e-3  # largest absolute logit difference accepted between ONNX Runtime and PyTorch
+
+
+class ExportError(ValueError):
+    """The exported model does not reproduce PyTorch's logits."""
+
+
+def export_checkpoint(checkpoint: str, out: Path) -> float:
+    """Write ``out`` and return the largest logit difference to PyTorch over CHECK_SIZES."""
+    model, _ = load_model(checkpoint, torch.device("cpu"))
+    serialised = export_onnx(model)
+    difference = largest_difference(model, onnxruntime_session(serialised))
+    if difference > TOLERANCE:
+        raise ExportError(f"ONNX Runtime differs from PyTorch by {difference:.2e} (> {TOLERANCE}); nothing written")
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(serialised)
+    return difference
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--out", type=Path, help="default: the checkpoint's path with .onnx")
+    args = parser.parse_args(argv)
+    out = args.out or Path(args.checkpoint).with_suffix(".onnx")
+    try:
+        difference = export_checkpoint(args.checkpoint, out)
+    except (CheckpointError, ExportError, ImportError) as error:
+        return fail(error)
+    sizes = ", ".join(f"{w}x{h}" for h, w in CHECK_SIZES)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); largest logit difference to PyTorch "
+          f"over {sizes}: {difference:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Measure whether a checkpoint may be served in bf16, and record the verdict beside it.
+
+    python guard_precision.py --checkpoint save/default/model.pth --data-dir data/default \
+        --mask-dir data/default/masks --val-split val
+
+Runs the predictor in fp32 and in bf16 over the validation images (each as the service sees
+it), prints the pixel agreement of the two class maps and both mIoUs, and writes
+``<checkpoint>.guard.json``.  The service's "auto" precision uses bf16 only when that record
+belongs to the checkpoint and says ok: agreement >= 99.5% and mIoU drop <= 0.2 points.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import config
+from model.predictor import Predictor
+from utils.checkpoint import CheckpointError
+from utils.cli import fail
+from utils.datasets import DatasetError, build_dataset
+from utils.precision_guard import MAX_MIOU_DROP_POINTS, MIN_AGREEMENT, compare_precisions, guard_path, write_guard
+
+
+class GuardError(ValueError):
+    """The comparison cannot be made as asked."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a .pth written by train.py")
+    config.add_arguments(parser, "data_dir", "mask_dir")
+    parser.add_argument("--val-split", default="val2017", help="image/mask sub-folder to compare on")
+    parser.add_argument("--limit", type=int, default=None, help="compare on the first N images only")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = parser.parse_args(argv)
+    args.train_split = args.val_split  # build_dataset names both splits; only "val" is read
+    return args
+
+
+def load_pair(checkpoint: str, threads: int | None) -> tuple[Predictor, Predictor]:
+    fp32 = Predictor.from_checkpoint(checkpoint, device="cpu", threads=threads, precision="fp32")
+    bf16 = Predictor.from_checkpoint(checkpoint, device="cpu", threads=threads, precision="bf16")
+    if bf16.precision != "bf16":
+        raise GuardError("this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 is never served here")
+    return fp32, bf16
+
+
+def run(args: argparse.Namespace) -> dict:
+    fp32, bf16 = load_pair(args.checkpoint, args.threads)
+    dataset = build_dataset(args, "val")
+    if dataset.num_classes != fp32.num_classes:
+        raise GuardError(f"the checkpoint has {fp32.num_classes} classes but the dataset {dataset.num_classes}")
+    count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    samples = (dataset.load(index) for index in range(count))
+    figures = compare_precisions(lambda image: fp32.predict(image).class_map,
+                                 lambda image: bf16.predict(image).class_map, samples, fp32.num_classes)
+    return write_guard(args.checkpoint, figures)
+
+
+def report(record: dict, checkpoint: str) -> str:
+    drop = record["miou_drop_points"]
+    return (f"{record['images']} images, {record['pixels']:,} pixels\n"
+            f"argmax agreement fp32 vs bf16: {record['agreement']:.4%} (needs >= {MIN_AGREEMENT:.1%})\n"
+            f"mIoU fp32 {record['miou_fp32']}, bf16 {record['miou_bf16']}: drop "
+            f"{'undefined' if drop is None else f'{drop:.3f}'} points (needs <= {MAX_MIOU_DROP_POINTS})\n"
+            f"verdict: {'bf16 allowed' if record['ok'] else 'fp32 only'} (written to {guard_path(checkpoint)})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        record = run(args)
+    except (DatasetError, CheckpointError, GuardError) as error:
+        return fail(error)
+    print(report(record, args.checkpoint))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

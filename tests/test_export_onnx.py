@@ -1,0 +1,57 @@
+"""ONNX export: one graph for every height and width, equal to PyTorch, and the export command."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import export_onnx as export_command
+from model import build_model
+from model.export_onnx import export_onnx, largest_difference, onnxruntime_session, run_session
+from tests.tiny_checkpoint import make_checkpoint
+
+pytest.importorskip("onnxscript", reason="ONNX export needs onnx + onnxscript (requirements-dev.txt)")
+pytest.importorskip("onnxruntime", reason="the check runs the export in onnxruntime (requirements-dev.txt)")
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    torch.manual_seed(0)
+    return build_model("unet", num_classes=5, base_width=4, bilinear=True).eval()
+
+
+@pytest.fixture(scope="module")
+def session(tiny_unet):
+    return onnxruntime_session(export_onnx(tiny_unet), threads=1)
+
+
+@pytest.mark.parametrize("height, width", [(37, 53), (101, 97), (16, 16), (48, 64), (17, 250), (127, 31)])
+def test_the_exported_graph_reproduces_pytorch_at_any_size(tiny_unet, session, height, width):
+    images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(height * width))
+    logits = run_session(session, images)
+    with torch.inference_mode():
+        expected = tiny_unet(images)
+    assert logits.shape == (2, 5, height, width)
+    np.testing.assert_allclose(logits.numpy(), expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_largest_difference_sees_a_model_that_is_not_the_exported_one(tiny_unet, session):
+    assert largest_difference(tiny_unet, session) < 1e-4
+    other = build_model("unet", num_classes=5, base_width=4, bilinear=True).eval()
+    assert largest_difference(other, session) > 1e-3
+
+
+def test_the_command_writes_a_checked_file(tmp_path, capsys):
+    checkpoint = make_checkpoint(tmp_path / "tiny.pth")
+    assert export_command.main(["--checkpoint", str(checkpoint)]) == 0
+    written = tmp_path / "tiny.onnx"
+    assert "largest logit difference" in capsys.readouterr().out
+    images = torch.randn(1, 3, 45, 61)
+    assert run_session(onnxruntime_session(written), images).shape == (1, 3, 45, 61)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_command_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    assert export_command.main(["--checkpoint", str(tmp_path / "absent.pth")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: checkpoint not found") and "\n" not in error

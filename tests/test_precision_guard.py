@@ -1,0 +1,144 @@
+"""The bf16 accuracy guard: its figures, its rule, the sidecar record and the command end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import guard_precision
+import model.predictor
+from model.predictor import Predictor
+from tests.synthetic_coco import make_coco
+from tests.tiny_checkpoint import make_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.classes import COCO_CLASSES
+from utils.coco_convert import convert
+from utils.precision_guard import (
+    MAX_MIOU_DROP_POINTS,
+    MIN_AGREEMENT,
+    bf16_allowed,
+    compare_precisions,
+    guard_path,
+    passes,
+    read_guard,
+    write_guard,
+)
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Every CPU can run bf16 autocast (emulated where it lacks the instructions), so the choice
+    the service makes on a bf16 CPU is tested on any machine."""
+    monkeypatch.setattr(model.predictor, "cpu_supports_bf16", lambda: True)
+
+
+@pytest.fixture(scope="module")
+def coco_val(tmp_path_factory):
+    """Five synthetic COCO images with their masks, in the layout build_dataset reads."""
+    root = tmp_path_factory.mktemp("val")
+    coco = make_coco(root, num_images=5, split="val2017")
+    convert(coco.annotation_file, coco.image_dir, root / "masks" / "val2017")
+    return root
+
+
+def decisive_checkpoint(path):
+    """A tiny COCO-class checkpoint whose background logit wins by far: fp32 and bf16 agree."""
+    make_checkpoint(path, class_names=list(COCO_CLASSES))
+    checkpoint = load_checkpoint(path)
+    checkpoint["model"]["outc.bias"][0] += 50
+    save_checkpoint(path, checkpoint)
+    return path
+
+
+def guard_command(checkpoint, data_root, *extra: str) -> int:
+    return guard_precision.main(["--checkpoint", str(checkpoint), "--data-dir", str(data_root),
+                                 "--mask-dir", str(data_root / "masks"), "--val-split", "val2017", *extra])
+
+
+def test_the_rule_needs_both_agreement_and_a_small_miou_drop():
+    assert passes(MIN_AGREEMENT, MAX_MIOU_DROP_POINTS)
+    assert passes(1.0, -0.5)  # bf16 scoring higher is no reason to refuse it
+    assert not passes(MIN_AGREEMENT - 1e-4, 0.0)
+    assert not passes(1.0, MAX_MIOU_DROP_POINTS + 1e-3)
+    assert not passes(1.0, None)
+
+
+def test_compare_precisions_counts_agreeing_pixels_and_both_mious():
+    mask = np.array([[1, 1], [2, 255]], dtype=np.uint8)  # 255: ignored by mIoU, counted for agreement
+    exact = np.array([[1, 1], [2, 0]], dtype=np.uint8)
+    one_off = np.array([[1, 2], [2, 0]], dtype=np.uint8)
+    figures = compare_precisions(lambda image: exact, lambda image: one_off,
+                                 [(np.zeros((2, 2, 3), np.uint8), mask)] * 3, num_classes=3)
+    assert figures["images"] == 3 and figures["pixels"] == 12
+    assert figures["agreement"] == pytest.approx(9 / 12)
+    assert figures["miou_fp32"] == pytest.approx(1.0)
+    # bf16: class 1 IoU 1/2 (1 hit, 1 missed), class 2 IoU 1/2 (1 hit, 1 false positive).
+    assert figures["miou_bf16"] == pytest.approx(0.5)
+    assert figures["miou_drop_points"] == pytest.approx(50.0)
+
+
+def test_the_command_records_a_passing_verdict_that_makes_auto_serve_bf16(tmp_path, coco_val, native_bf16, capsys):
+    checkpoint = decisive_checkpoint(tmp_path / "model.pth")
+    untouched = checkpoint.read_bytes()
+
+    assert guard_command(checkpoint, coco_val) == 0
+
+    record = json.loads(guard_path(checkpoint).read_text())
+    assert record["images"] == 5 and record["agreement"] == 1.0
+    assert record["miou_drop_points"] == pytest.approx(0.0)
+    assert record["ok"] is True and read_guard(checkpoint) == record
+    assert checkpoint.read_bytes() == untouched  # the verdict lives beside the checkpoint, not in it
+    assert "bf16 allowed" in capsys.readouterr().out
+    assert Predictor.from_checkpoint(checkpoint, device="cpu").precision == "bf16"
+
+
+def test_a_failing_verdict_keeps_auto_on_fp32(tmp_path, native_bf16):
+    checkpoint = make_checkpoint(tmp_path / "model.pth")
+    record = write_guard(checkpoint, {"agreement": 0.99, "miou_fp32": 0.5, "miou_bf16": 0.5,
+                                      "miou_drop_points": 0.0, "images": 1, "pixels": 100})
+    assert record["ok"] is False
+    assert not bf16_allowed(checkpoint)
+    assert Predictor.from_checkpoint(checkpoint, device="cpu").precision == "fp32"
+
+
+def test_a_verdict_for_another_checkpoint_is_ignored(tmp_path, coco_val, native_bf16):
+    checkpoint = decisive_checkpoint(tmp_path / "model.pth")
+    assert guard_command(checkpoint, coco_val, "--limit", "2") == 0
+    assert bf16_allowed(checkpoint)
+
+    make_checkpoint(checkpoint, class_names=list(COCO_CLASSES), base_width=2)  # retrained to the same path
+
+    assert read_guard(checkpoint) is None
+    assert Predictor.from_checkpoint(checkpoint, device="cpu").precision == "fp32"
+
+
+def test_an_unreadable_record_is_no_verdict(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "model.pth")
+    guard_path(checkpoint).write_text("{not json")
+    assert read_guard(checkpoint) is None and not bf16_allowed(checkpoint)
+
+
+def test_the_command_refuses_a_dataset_with_other_classes_in_one_line(tmp_path, coco_val, native_bf16, capsys):
+    checkpoint = make_checkpoint(tmp_path / "model.pth")  # 3 classes, the dataset has 91
+    assert guard_command(checkpoint, coco_val) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "error: the checkpoint has 3 classes but the dataset 91"
+    assert not guard_path(checkpoint).exists()
+
+
+def test_the_command_names_a_missing_folder_in_one_line(tmp_path, native_bf16, capsys):
+    checkpoint = make_checkpoint(tmp_path / "model.pth")
+    assert guard_command(checkpoint, tmp_path / "nowhere") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "nowhere" in error and "\n" not in error
+
+
+def test_bf16_class_maps_match_fp32_where_the_network_is_decisive(tmp_path, native_bf16):
+    checkpoint = decisive_checkpoint(tmp_path / "model.pth")
+    image = torch.randint(0, 256, (40, 56, 3), dtype=torch.uint8).numpy()
+    maps = [Predictor.from_checkpoint(checkpoint, device="cpu", precision=precision).predict(Image.fromarray(image))
+            for precision in ("fp32", "bf16")]
+    np.testing.assert_array_equal(maps[0].class_map, maps[1].class_map)
