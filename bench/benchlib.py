@@ -1,0 +1,76 @@
+"""What the bench scripts share: the repository on sys.path, a test photo, medians, the machine."""
+from __future__ import annotations
+
+import io
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data"
+# A real 640x480 COCO photo: JPEG decoding and the class maps behave as they do on real uploads.
+PHOTO = SHARED / "coco128" / "train2017" / "000000000009.jpg"
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def photo_jpeg(width: int = 640, height: int = 480) -> bytes:
+    """A ``width`` x ``height`` JPEG: the COCO photo resized, or smooth noise when it is absent."""
+    if PHOTO.is_file():
+        image = Image.open(PHOTO).convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    else:
+        coarse = np.random.default_rng(0).integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def seconds_of(function: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def median_ms(function: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        function()
+    return statistics.median(seconds_of(function) for _ in range(repeat)) * 1000
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """The nearest-rank percentile of an ascending list."""
+    return sorted_values[min(len(sorted_values) - 1, max(0, round(fraction * len(sorted_values)) - 1))]
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def machine() -> str:
+    """One line: CPU model, cores, the SIMD flags that matter for inference, Python and torch."""
+    import torch
+
+    model, flags = platform.processor() or "cpu", set()
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    simd = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    wanted = [flag for flag in simd if flag in flags]
+    return (f"{model}, {cores()} cores, {' '.join(wanted)}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def background_load() -> str:
+    """A warning when something else is using the CPU, which would spoil the figures."""
+    load = os.getloadavg()[0]
+    return f"WARNING: load average {load:.1f} before the run: other work shares the cores\n" if load > 0.5 else ""

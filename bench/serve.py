@@ -1,0 +1,219 @@
+"""A bounded load test of the service on loopback: throughput and latency under concurrent clients.
+
+    python bench/serve.py [--checkpoint FILE] [--settings 2x1,1x2,2x2] [--clients 4] [--duration 30]
+    python bench/serve.py --url http://127.0.0.1:8000 [--checkpoint FILE]
+
+For each setting WORKERSxTHREADS it starts gunicorn (app/gunicorn.conf.py) on a free 127.0.0.1
+port with that many workers and torch threads per worker, waits until every worker has loaded
+the model, warms up, then runs N clients that POST the same 640x480 JPEG to /json for a fixed
+time.  Prints requests/s, p50/p95/p99 latency, errors and the workers' RSS before and after;
+and, measured before any server starts, the bare forward of that photo in one thread, so that
+throughput is compared with the machine's capacity (cores / forward time).  With --url it
+loads an already running service instead (no RSS).  Last line: ``ratio: X.XX``, the best
+throughput over that capacity (goal >= 0.8).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+import torch
+from benchlib import ROOT, background_load, cores, machine, median_ms, percentile, photo_jpeg
+
+from app.settings import DEFAULT_CHECKPOINT
+from app.uploads import decode_image
+from model.predictor import Predictor
+
+THROUGHPUT_GOAL = 0.8  # x cores / single-request forward time
+TAIL_GOAL = 3.0  # p99 / p50
+MAX_REQUESTS = 100_000  # a bound on any one run, whatever the duration
+
+
+@dataclasses.dataclass
+class LoadResult:
+    latencies: list[float]  # seconds, successful requests only, ascending
+    errors: int
+    seconds: float
+
+    @property
+    def requests_per_second(self) -> float:
+        return len(self.latencies) / self.seconds
+
+
+def bare_forward_ms(checkpoint: str, jpeg: bytes, precision: str, repeat: int = 10) -> tuple[float, str]:
+    """Median forward of the photo in one torch thread, in the precision the service would pick."""
+    before = torch.get_num_threads()
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", threads=1, precision=precision)
+    batch, _ = predictor.preprocess(decode_image(jpeg, 40_000_000))
+    with torch.inference_mode():
+        ms = median_ms(lambda: predictor.forward(batch), repeat)
+    torch.set_num_threads(before)
+    return ms, predictor.precision
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Service:
+    """gunicorn serving ``checkpoint`` with ``workers`` x ``threads``, stopped on exit."""
+
+    def __init__(self, checkpoint: str, workers: int, threads: int, precision: str, results: Path) -> None:
+        self.port = free_port()
+        environment = dict(os.environ, SEG_CHECKPOINT=checkpoint, SEG_RESULTS_DIR=str(results),
+                           SEG_BIND=f"127.0.0.1:{self.port}", SEG_WORKERS=str(workers), SEG_THREADS=str(threads),
+                           SEG_PRECISION=precision, SEG_LOG_LEVEL="info")
+        self.workers = workers
+        self.loaded = 0
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "--access-logfile", "/dev/null",
+             "app:create_app()"], cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True)
+        threading.Thread(target=self._count_loaded_workers, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _count_loaded_workers(self) -> None:
+        for line in self.process.stderr:
+            if "model loaded" in line:  # logged by gunicorn.conf.py's post_worker_init
+                self.loaded += 1
+
+    def wait_until_loaded(self, seconds: float = 300) -> None:
+        deadline = time.monotonic() + seconds
+        while self.loaded < self.workers:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"error: gunicorn did not load {self.workers} workers (exit {self.process.poll()})")
+            time.sleep(0.2)
+
+    def worker_pids(self) -> list[int]:
+        """gunicorn's children: the processes whose parent (field 4 of /proc/<pid>/stat) is the master."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended while we looked
+                continue
+            if int(fields[1]) == self.process.pid:
+                pids.append(int(stat.parent.name))
+        return sorted(pids)
+
+    def rss_mb(self) -> list[float]:
+        """Resident memory of each worker (VmRSS in /proc/<pid>/status)."""
+        sizes = []
+        for pid in self.worker_pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    sizes.append(int(line.split()[1]) / 1024)
+        return sizes
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def load(url: str, jpeg: bytes, clients: int, seconds: float) -> LoadResult:
+    """``clients`` loops posting ``jpeg`` until ``seconds`` have passed (or MAX_REQUESTS in all)."""
+    deadline = time.monotonic() + seconds
+    budget = threading.Semaphore(MAX_REQUESTS)
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors = [0]
+
+    def client() -> None:
+        with requests.Session() as session:
+            while time.monotonic() < deadline and budget.acquire(blocking=False):
+                started = time.perf_counter()
+                try:
+                    response = session.post(url + "/json", files={"file": ("photo.jpg", jpeg)}, timeout=120)
+                    ok = response.status_code == 200
+                except requests.RequestException:
+                    ok = False
+                with lock:
+                    if ok:
+                        latencies.append(time.perf_counter() - started)
+                    else:
+                        errors[0] += 1
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        for _ in range(clients):
+            pool.submit(client)
+    return LoadResult(sorted(latencies), errors[0], time.monotonic() - started)
+
+
+def report(label: str, result: LoadResult, capacity: float, rss: tuple[list[float], list[float]] | None) -> None:
+    if not result.latencies:
+        print(f"{label:<10} no successful request ({result.errors} errors)")
+        return
+    p50, p95, p99 = (percentile(result.latencies, f) * 1000 for f in (0.50, 0.95, 0.99))
+    memory = ("" if rss is None else
+              f"  RSS MB {'/'.join(f'{m:.0f}' for m in rss[0])} -> {'/'.join(f'{m:.0f}' for m in rss[1])}")
+    rate = result.requests_per_second
+    print(f"{label:<10}{rate:>7.2f} req/s ({rate / capacity:.2f} x capacity)"
+          f"  p50 {p50:6.0f}  p95 {p95:6.0f}  p99 {p99:6.0f} ms (p99/p50 {p99 / p50:.2f})"
+          f"  errors {result.errors}  requests {len(result.latencies)}{memory}")
+
+
+def run_setting(setting: str, args: argparse.Namespace, jpeg: bytes, capacity: float, results: Path) -> float:
+    workers, threads = (int(part) for part in setting.lower().split("x"))
+    with Service(args.checkpoint, workers, threads, args.precision, results) as service:
+        service.wait_until_loaded()
+        load(service.url, jpeg, args.clients, args.warmup)
+        before = service.rss_mb()
+        result = load(service.url, jpeg, args.clients, args.duration)
+        report(f"{workers}x{threads}", result, capacity, (before, service.rss_mb()))
+    return result.requests_per_second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--url", help="load this running service instead of starting gunicorn")
+    parser.add_argument("--settings", default="2x1,1x2,2x2", help="WORKERSxTORCH_THREADS, comma-separated")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=30, help="seconds of load per setting")
+    parser.add_argument("--warmup", type=float, default=5, help="seconds of unrecorded load first")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="SEG_PRECISION")
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=480)
+    args = parser.parse_args()
+    if not Path(args.checkpoint).is_file():
+        sys.exit(f"error: checkpoint not found: {args.checkpoint} (pass --checkpoint)")
+    jpeg = photo_jpeg(args.width, args.height)
+    print(background_load() + machine())
+    forward_ms, precision = bare_forward_ms(args.checkpoint, jpeg, args.precision)
+    capacity = cores() * 1000 / forward_ms
+    print(f"{Path(args.checkpoint).name}, {args.width}x{args.height} JPEG, {args.clients} clients, "
+          f"{args.duration:.0f} s per setting")
+    print(f"bare forward ({precision}, 1 thread): {forward_ms:.1f} ms -> capacity {cores()} cores / forward = "
+          f"{capacity:.2f} req/s")
+    if args.url:
+        load(args.url, jpeg, args.clients, args.warmup)
+        result = load(args.url, jpeg, args.clients, args.duration)
+        report("--url", result, capacity, None)
+        best = result.requests_per_second
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            best = max(run_setting(setting, args, jpeg, capacity, Path(folder)) for setting in args.settings.split(","))
+    print(f"ratio: {best / capacity:.2f}")
+
+
+if __name__ == "__main__":
+    main()
