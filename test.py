@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="a .pth written by train.py")
     add_dataset_arguments(parser)
     config.add_arguments(parser, "save_dir", "batch_size", "workers")
+    parser.add_argument("--rank-images", type=int, default=5,
+                        help="draw this many best and worst images by their mIoU into <save-dir>/best_worst")
     parser.add_argument("--save-predictions", metavar="DIR", help="also write each prediction as a class-id PNG")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     return parser.parse_args(argv)

@@ -49,6 +49,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather_dicts(local: dict) -> dict:
+    """The union of every rank's ``local`` dict (the dict itself for a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(local)
+    parts: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, local)
+    return {key: value for part in parts for key, value in part.items()}
+
+
 class ShardSampler(Sampler[int]):
     """Every rank takes indices rank, rank+world, ... : no sample is seen twice.
 

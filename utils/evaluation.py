@@ -16,12 +16,14 @@ from torch.utils.data import DataLoader, Sampler
 from model import build_from_meta, main_logits
 from utils import distributed
 from utils.checkpoint import load_checkpoint
+from utils.classes import IGNORE_INDEX
 from utils.datasets import DatasetError, PairedDataset, build_dataset
 from utils.fileio import atomic_path, write_text
-from utils.metrics import ConfusionMatrix
-from utils.plots import plot_class_iou, plot_confusion_matrix
+from utils.metrics import ConfusionMatrix, format_optional
+from utils.plots import plot_class_iou, plot_confusion_matrix, plot_per_image_iou
 from utils.precision import autocast
 from utils.transforms import EvalTransform, padded_size
+from utils.visualize import panels
 
 log = logging.getLogger("test")
 
@@ -51,14 +53,14 @@ def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module,
     return model.to(device, memory_format=torch.channels_last).eval(), checkpoint["meta"]
 
 
-PredictionSink = Callable[[int, np.ndarray], None]
+PredictionSink = Callable[[int, np.ndarray, np.ndarray], None]
 
 
 @torch.inference_mode()
 def confusion_over(model: torch.nn.Module, loader: DataLoader, num_classes: int, context: distributed.Context,
-                   sink: PredictionSink | None = None) -> ConfusionMatrix:
+                   sinks: list[PredictionSink] = ()) -> ConfusionMatrix:
     """Confusion matrix of ``model`` over ``loader`` (reduced over ranks); each image's
-    prediction, cropped to its own size, goes to ``sink(index, class_map)`` when given."""
+    prediction and truth, cropped to its own size, go to every ``sink(index, prediction, truth)``."""
     matrix = ConfusionMatrix(num_classes, device=context.device)
     dataset = loader.dataset
     for (images, masks), indices in zip(loader, loader.batch_sampler, strict=True):
@@ -66,10 +68,11 @@ def confusion_over(model: torch.nn.Module, loader: DataLoader, num_classes: int,
         with autocast(context.device):
             predictions = main_logits(model(images)).argmax(1)
         matrix.update(masks.to(context.device), predictions)
-        if sink is not None:
-            for index, prediction in zip(indices, predictions.cpu().numpy(), strict=True):
+        if sinks:
+            for index, prediction, truth in zip(indices, predictions.cpu().numpy(), masks.numpy(), strict=True):
                 height, width = dataset.image_size(index)
-                sink(index, prediction[:height, :width])
+                for sink in sinks:
+                    sink(index, prediction[:height, :width], truth[:height, :width])
     matrix.reduce_from_all_processes()
     return matrix
 
@@ -78,10 +81,68 @@ def class_map_writer(dataset: PairedDataset, folder: Path) -> PredictionSink:
     """A sink that saves each prediction as ``<folder>/<image stem>.png`` of class ids."""
     folder.mkdir(parents=True, exist_ok=True)
 
-    def write(index: int, class_map: np.ndarray) -> None:
+    def write(index: int, prediction: np.ndarray, truth: np.ndarray) -> None:
         with atomic_path(folder / f"{dataset.pairs[index][0].stem}.png") as tmp:
-            Image.fromarray(class_map.astype(np.uint8)).save(tmp, format="PNG")
+            Image.fromarray(prediction.astype(np.uint8)).save(tmp, format="PNG")
     return write
+
+
+def image_miou(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> float | None:
+    """Mean IoU over the classes present in this image's truth or prediction (ignore excluded)."""
+    valid = truth != IGNORE_INDEX
+    matrix = ConfusionMatrix(num_classes)
+    matrix.update(torch.from_numpy(truth[valid].astype(np.int64)), torch.from_numpy(prediction[valid]))
+    return matrix.compute()["miou"]
+
+
+class PerImageScores:
+    """A sink collecting each image's mIoU, gathered over ranks for the ranking."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.scores: dict[int, float] = {}
+
+    def __call__(self, index: int, prediction: np.ndarray, truth: np.ndarray) -> None:
+        score = image_miou(prediction, truth, self.num_classes)
+        if score is not None:
+            self.scores[index] = score
+
+    def gathered(self) -> dict[int, float]:
+        return distributed.gather_dicts(self.scores)
+
+
+@torch.inference_mode()
+def full_resolution_prediction(model: torch.nn.Module, dataset: PairedDataset, index: int,
+                               device: torch.device) -> np.ndarray:
+    """The model's class map for one evaluation image, cropped to the image."""
+    image, _ = dataset[index]
+    with autocast(device):
+        logits = main_logits(model(image[None].to(device).contiguous(memory_format=torch.channels_last)))
+    height, width = dataset.image_size(index)
+    return logits.argmax(1)[0, :height, :width].cpu().numpy()
+
+
+def draw_ranked(model: torch.nn.Module, dataset: PairedDataset, scores: dict[int, float], count: int,
+                folder: Path, device: torch.device) -> None:
+    """image | truth | prediction for the ``count`` best and worst images by their mIoU."""
+    ranked = sorted(scores, key=scores.get)
+    chosen = {"worst": ranked[:count], "best": ranked[::-1][:count]}
+    folder.mkdir(parents=True, exist_ok=True)
+    for label, indices in chosen.items():
+        for place, index in enumerate(indices, 1):
+            image, truth = dataset.load(index)
+            prediction = full_resolution_prediction(model, dataset, index, device)
+            panel = panels(Image.fromarray(image), truth, prediction, dataset.class_names)
+            name = f"{label}_{place:02d}_{dataset.pairs[index][0].stem}_miou{scores[index]:.3f}.jpg"
+            with atomic_path(folder / name) as tmp:
+                panel.save(tmp, format="JPEG", quality=90)
+
+
+def write_per_image(dataset: PairedDataset, scores: dict[int, float], save_dir: Path) -> None:
+    ranked = sorted(scores, key=scores.get)
+    lines = ["image,miou"] + [f"{dataset.pairs[i][0].name},{scores[i]:.5f}" for i in ranked]
+    write_text(save_dir / "per_image_iou.csv", "\n".join(lines) + "\n")
+    plot_per_image_iou([scores[i] for i in ranked], save_dir / "per_image_iou.png")
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
@@ -96,34 +157,43 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         indices = list(distributed.ShardSampler(len(dataset), context))
         loader = DataLoader(dataset, batch_sampler=SizeGroupedBatches(dataset, indices, args.batch_size),
                             num_workers=args.workers)
-        sink = class_map_writer(dataset, Path(args.save_predictions)) if args.save_predictions else None
+        per_image = PerImageScores(meta["num_classes"])
+        sinks = [per_image] + ([class_map_writer(dataset, Path(args.save_predictions))]
+                               if args.save_predictions else [])
         log.info("evaluating %s (%s) on %d images, %d process(es), device %s", args.checkpoint, meta["arch"],
                  len(dataset), context.world_size, context.device)
-        matrix = confusion_over(model, loader, meta["num_classes"], context, sink)
+        matrix = confusion_over(model, loader, meta["num_classes"], context, sinks)
+        scores = per_image.gathered()
         report = dict(matrix.compute(), checkpoint=str(args.checkpoint), images=len(dataset),
                       class_names=meta["class_names"], confusion_matrix=matrix.matrix.cpu().tolist())
         if context.is_main:
-            write_report(report, Path(args.save_dir))
+            save_dir = Path(args.save_dir)
+            write_report(report, save_dir)
+            write_per_image(dataset, scores, save_dir)
+            draw_ranked(model, dataset, scores, args.rank_images, save_dir / "best_worst", context.device)
         return report
     finally:
         distributed.cleanup()
 
 
 def format_table(report: dict) -> str:
-    """Per-class IoU with names and pixel support, classes without support or prediction omitted."""
-    lines = [f"{'id':>3}  {'class':<18} {'IoU':>7} {'support (px)':>14}"]
-    for class_id, (name, iou) in enumerate(zip(report["class_names"], report["iou"], strict=True)):
-        if iou is not None:
-            lines.append(f"{class_id:>3}  {name:<18} {iou:7.4f} {report['support'][class_id]:>14,}")
+    """Per-class IoU, Dice, pixel accuracy and support; classes neither present nor predicted omitted."""
+    lines = [f"{'id':>3}  {'class':<18} {'IoU':>7} {'Dice':>7} {'acc':>7} {'support (px)':>14}"]
+    for class_id in report["classes_counted"]:
+        accuracy = report["class_accuracy"][class_id]
+        lines.append(f"{class_id:>3}  {report['class_names'][class_id]:<18} {report['iou'][class_id]:7.4f} "
+                     f"{report['dice'][class_id]:7.4f} {'    n/a' if accuracy is None else f'{accuracy:7.4f}'} "
+                     f"{report['support'][class_id]:>14,}")
     return "\n".join(lines)
 
 
 def write_report(report: dict, save_dir: Path) -> None:
     counted = report["classes_counted"]
     summary = (f"checkpoint: {report['checkpoint']}\nimages: {report['images']}\n"
-               f"pixel accuracy: {report['pixel_accuracy']:.4f}\n"
-               f"mIoU: {report['miou'] if report['miou'] is None else round(report['miou'], 4)} "
-               f"(mean over the {len(counted)} classes present in ground truth or prediction)\n\n")
+               f"pixel accuracy: {format_optional(report['pixel_accuracy'])}\n"
+               f"mIoU: {format_optional(report['miou'])} "
+               f"(mean over the {len(counted)} classes present in ground truth or prediction)\n"
+               f"mean Dice: {format_optional(report['mean_dice'])}\n\n")
     text = summary + format_table(report) + "\n"
     write_text(save_dir / "log_test.log", text)
     write_text(save_dir / "metrics.json", json.dumps(report, indent=1))

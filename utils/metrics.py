@@ -45,6 +45,7 @@ class ConfusionMatrix:
         counted = np.flatnonzero(support + predicted)
         iou = ratios(true_positive, support + predicted - true_positive)
         dice = ratios(2 * true_positive, support + predicted)
+        class_accuracy = ratios(true_positive, support)
         total = int(matrix.sum())
         return {
             "pixel_accuracy": float(true_positive.sum() / total) if total else None,
@@ -52,6 +53,7 @@ class ConfusionMatrix:
             "mean_dice": mean_of_defined(dice),
             "iou": iou,
             "dice": dice,
+            "class_accuracy": class_accuracy,
             "support": support.tolist(),
             "classes_counted": counted.tolist(),
         }

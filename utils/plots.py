@@ -63,6 +63,20 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], out_path: 
     _save(figure, out_path, dpi=110)
 
 
+def plot_per_image_iou(sorted_scores: list[float], out_path: str | os.PathLike) -> None:
+    """Per-image mIoU from worst to best: how evenly the model does across images."""
+    figure, axis = plt.subplots(figsize=(8, 4))
+    axis.plot(range(1, len(sorted_scores) + 1), sorted_scores, marker=".", linewidth=1)
+    if sorted_scores:
+        axis.axhline(float(np.mean(sorted_scores)), color="tab:red", linestyle="--",
+                     label=f"mean {np.mean(sorted_scores):.3f}")
+        axis.legend()
+    axis.set(xlabel="images, worst to best", ylabel="image mIoU", ylim=(0, 1), title="per-image mIoU")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    _save(figure, out_path, dpi=100)
+
+
 def plot_class_iou(ious: list[float | None], class_names: list[str], out_path: str | os.PathLike) -> None:
     """Horizontal bars of per-class IoU for the classes where it is defined."""
     defined = [(name, iou) for name, iou in zip(class_names, ious, strict=True) if iou is not None]
