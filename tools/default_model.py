@@ -41,7 +41,7 @@ TRAIN_SOURCES = [
 VAL_SOURCE = ("coco-tiny-val", "coco-tiny/annotations/instances_val2017.json", "coco-tiny/val2017")
 
 COMMON = ["--model", "unet", "--base-width", "16", "--crop-size", "256", "--input-size", "640", "--batch-size", "8",
-          "--lr", "1e-3", "--precision", "bf16", "--val-every", "5", "--workers", "1", "--loss", "ce", "--epochs", "25"]
+          "--lr", "1e-3", "--precision", "bf16", "--val-every", "5", "--workers", "2", "--loss", "ce", "--epochs", "25"]
 SETTINGS = {
     "plain-ce": COMMON,
     "sqrt-weighted-ce": COMMON + ["--class-weights", "{counts}", "--class-weight-mode", "sqrt_median_frequency"],
