@@ -8,6 +8,7 @@ SEG_PRECISION (auto | fp32 | bf16), SEG_COMPILE (1: torch.compile at worker star
 The defaults are the best setting measured by bench/serve.py (see bench/README.md).
 """
 import os
+import sys
 
 bind = os.environ.get("SEG_BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("SEG_WORKERS", "2"))
@@ -26,8 +27,19 @@ preload_app = False  # the model must load in each worker, after the fork
 
 
 def post_worker_init(worker) -> None:
-    """Load the model when the worker starts, not on its first request."""
+    """Load the model when the worker starts, not on its first request.
+
+    A checkpoint that cannot be loaded stops the whole server with one clear line (exit code
+    4 tells gunicorn's arbiter the app cannot load, so it does not restart workers forever).
+    """
+    from utils.checkpoint import CheckpointError
+
     app = worker.wsgi
-    if app.config.get("LOAD_MODEL_AT_START", True):
+    if not app.config.get("LOAD_MODEL_AT_START", True):
+        return
+    try:
         app.extensions["segmenter"].load()
-        worker.log.info("worker %s: model loaded from %s", worker.pid, app.config["CHECKPOINT"])
+    except CheckpointError as error:
+        worker.log.error("cannot serve: %s (set SEG_CHECKPOINT to a checkpoint made by train.py)", error)
+        sys.exit(4)
+    worker.log.info("worker %s: model loaded from %s", worker.pid, app.config["CHECKPOINT"])

@@ -115,8 +115,8 @@ def test_build_loss_makes_focal_and_cross_entropy_ignoring_255():
 
 
 def test_build_loss_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown loss 'dice'.*ce, focal"):
-        build_loss("dice")
+    with pytest.raises(ValueError, match="unknown loss 'hinge'.*ce, ce_dice, dice, focal"):
+        build_loss("hinge")
 
 
 def test_median_frequency_weights():
@@ -144,3 +144,48 @@ def test_inverse_frequency_weights_average_one_over_pixels():
 def test_class_weights_reject_bad_input(counts, mode, message):
     with pytest.raises(ValueError, match=message):
         class_weights_from_counts(counts, mode=mode)
+
+
+def direct_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> float:
+    """Dice loss written out pixel by pixel with numpy, for comparison."""
+    probabilities = torch.softmax(logits, 1).numpy()
+    labels = target.numpy()
+    scores = []
+    for c in range(logits.shape[1]):
+        overlap = size_p = size_t = 0.0
+        for n, y, x in np.ndindex(*labels.shape):
+            if labels[n, y, x] == 255:
+                continue
+            p, t = probabilities[n, c, y, x], float(labels[n, y, x] == c)
+            overlap, size_p, size_t = overlap + p * t, size_p + p, size_t + t
+        if size_t > 0:
+            scores.append((2 * overlap + smooth) / (size_p + size_t + smooth))
+    return 1 - float(np.mean(scores))
+
+
+def test_dice_loss_matches_direct_formula_and_ignores_255():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 4, 5, 6)
+    target = torch.randint(0, 3, (2, 5, 6))  # class 3 absent: it must not count
+    target[0, 0, :3] = 255
+    loss = build_loss("dice")(logits, target)
+    assert loss.item() == pytest.approx(direct_dice_loss(logits, target), rel=1e-5)
+    changed = logits.clone()
+    changed[0, :, 0, :3] += 10  # only ignored pixels change
+    assert build_loss("dice")(changed, target).item() == pytest.approx(loss.item(), rel=1e-6)
+    perfect = torch.nn.functional.one_hot(target.clamp(max=3), 4).permute(0, 3, 1, 2).float() * 50
+    assert build_loss("dice")(perfect, target).item() < 1e-3
+
+
+def test_ce_dice_is_the_sum_and_all_ignored_is_zero():
+    torch.manual_seed(4)
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    target = torch.randint(0, 3, (1, 4, 4))
+    combined = build_loss("ce_dice")(logits, target)
+    expected = F.cross_entropy(logits, target) + build_loss("dice")(logits, target)
+    assert combined.item() == pytest.approx(expected.item(), rel=1e-6)
+    ignored = build_loss("ce_dice")(logits, torch.full((1, 4, 4), 255))
+    ignored.backward()
+    assert ignored.item() == 0 and logits.grad is not None and torch.isfinite(logits.grad).all()
+    with pytest.raises(ValueError, match="not to dice"):
+        build_loss("dice", weight=torch.ones(3))

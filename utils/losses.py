@@ -41,20 +41,86 @@ class FocalLoss(nn.Module):
         return torch.where(valid, loss, 0).sum() / valid.sum().clamp(min=1)
 
 
-def cross_entropy_loss(weight: torch.Tensor | None = None,
-                       ignore_index: int = IGNORE_INDEX) -> nn.Module:
-    """Cross entropy with optional class weights; ignores our ignore label, not PyTorch's -100."""
-    return nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
+class CrossEntropy(nn.Module):
+    """Cross entropy with optional class weights, ignoring our ignore label (not PyTorch's -100).
+
+    The same weighted mean as ``nn.CrossEntropyLoss``, except that a batch whose pixels are
+    all ignored gives 0 rather than NaN (which would poison the weights through Adam).
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = F.cross_entropy(logits.float(), target, weight=self.weight, ignore_index=self.ignore_index,
+                                reduction="sum")
+        valid = target != self.ignore_index
+        if self.weight is None:
+            denominator = valid.sum()
+        else:
+            denominator = self.weight[torch.where(valid, target, 0)][valid].sum()
+        return total / denominator.clamp(min=1e-12) if denominator > 0 else total * 0
+
+
+def cross_entropy_loss(weight: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> nn.Module:
+    return CrossEntropy(weight, ignore_index)
+
+
+class DiceLoss(nn.Module):
+    """Soft multi-class Dice loss: ``1 - mean_c (2 sum p_c t_c + s) / (sum p_c + sum t_c + s)``
+    over the non-ignored pixels of the batch, averaged over the classes present in the target
+    (a class absent from the batch would otherwise count as a free perfect score)."""
+
+    def __init__(self, smooth: float = 1.0, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__()
+        self.smooth = smooth
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = (target != self.ignore_index).unsqueeze(1)
+        probabilities = F.softmax(logits.float(), dim=1) * valid
+        one_hot = F.one_hot(torch.where(valid.squeeze(1), target, 0), logits.shape[1]).permute(0, 3, 1, 2) * valid
+        dims = (0, 2, 3)
+        overlap = (probabilities * one_hot).sum(dims)
+        sizes = probabilities.sum(dims) + one_hot.sum(dims)
+        dice = (2 * overlap + self.smooth) / (sizes + self.smooth)
+        present = one_hot.sum(dims) > 0
+        if not present.any():
+            return logits.sum() * 0  # all ignored: zero, still attached to the graph
+        return 1 - dice[present].mean()
+
+
+class CrossEntropyDiceLoss(nn.Module):
+    """Cross entropy (optionally class-weighted) plus Dice: pixel-wise and region-wise signals."""
+
+    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__()
+        self.cross_entropy = cross_entropy_loss(weight, ignore_index)
+        self.dice = DiceLoss(ignore_index=ignore_index)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.cross_entropy(logits.float(), target) + self.dice(logits, target)
+
+
+def dice_loss(weight: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> nn.Module:
+    """Dice has no class weights (every present class already counts equally)."""
+    if weight is not None:
+        raise ValueError("--class-weights applies to ce, ce_dice and focal, not to dice")
+    return DiceLoss(ignore_index=ignore_index)
 
 
 LOSSES: dict[str, Callable[..., nn.Module]] = {
     "focal": FocalLoss,
     "ce": cross_entropy_loss,
+    "dice": dice_loss,
+    "ce_dice": CrossEntropyDiceLoss,
 }
 
 
 def build_loss(name: str, **kwargs) -> nn.Module:
-    """The loss ``name`` ("focal" or "ce") built with ``kwargs``."""
+    """The loss ``name`` (a key of LOSSES) built with ``kwargs``."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}")
     return LOSSES[name](**kwargs)

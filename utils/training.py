@@ -158,10 +158,13 @@ def make_criterion(args: argparse.Namespace, num_classes: int, device: torch.dev
     if args.class_weights:
         counts = read_class_counts(args.class_weights, num_classes)
         weights = class_weights_from_counts(counts, args.class_weight_mode).to(device)
-    if args.loss == "focal":
-        alpha = weights if weights is not None else args.focal_alpha
-        return build_loss("focal", alpha=alpha, gamma=args.focal_gamma)
-    return build_loss(args.loss, weight=weights)
+    try:
+        if args.loss == "focal":
+            return build_loss("focal", alpha=weights if weights is not None else args.focal_alpha,
+                              gamma=args.focal_gamma).to(device)
+        return build_loss(args.loss, weight=weights).to(device)
+    except ValueError as error:
+        raise TrainingError(str(error)) from error
 
 
 def read_class_counts(path: str, num_classes: int) -> list[int]:
