@@ -219,3 +219,11 @@ def test_unknown_routes_and_methods_answer_in_kind(client):
     response = client.get("/api/nothing")
     assert response.status_code == 404 and "error" in response.get_json()
     assert client.delete("/json").status_code == 405
+
+
+def test_a_binary_flood_checkpoint_is_served_with_its_own_class_names(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "flood.pth", class_names=["background", "flood"])
+    client = create_app({"CHECKPOINT": str(checkpoint), "RESULTS_DIR": str(tmp_path / "r")}).test_client()
+    body = post_file(client, encoded(photo(80, 60))).get_json()
+    assert {c["name"] for c in body["classes"]} <= {"background", "flood"} and body["classes"]
+    assert client.get("/api/model").get_json()["classes"] == ["background", "flood"]
