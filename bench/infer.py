@@ -137,11 +137,10 @@ def service_stages(predictor: Predictor, jpeg: bytes, results: Path) -> list[tup
         state["logits"] = predictor.forward(state["batch"])
 
     def top(state: dict) -> None:
-        height, width = state["info"].resized_size
-        state["top"] = top_class_and_confidence(state["logits"][0, :, :height, :width])
+        state["top"] = top_class_and_confidence(state["logits"][0])
 
     def upsample(state: dict) -> None:
-        class_map, confidence = to_original_size(*state["top"], state["info"].original_size, predictor.num_classes)
+        class_map, confidence = to_original_size(*state["top"], state["info"], predictor.num_classes)
         state["prediction"] = Prediction(class_map, confidence, 0.0)
 
     def summary(state: dict) -> None:

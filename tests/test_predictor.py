@@ -274,3 +274,11 @@ def test_cuda_predictions_match_the_cpu_in_each_precision(checkpoint_path, predi
     prediction = cuda.predict(image)
     assert_valid(prediction, 101, 97)
     np.testing.assert_allclose(prediction.confidence, predictor.predict(image).confidence, atol=0.05)
+
+
+def test_preprocess_normalises_bit_for_bit_as_training_does_in_channels_last_memory(predictor):
+    image = noise_image(48, 29, seed=5)
+    batch, _ = predictor.preprocess(image)
+    padded = np.pad(np.asarray(image), ((0, 3), (0, 0), (0, 0)))
+    assert torch.equal(batch, to_tensor(padded)[None])
+    assert batch.is_contiguous(memory_format=torch.channels_last)
