@@ -175,7 +175,14 @@ def read_class_counts(path: str, num_classes: int) -> list[int]:
     return counts
 
 
+def check_batch_size(args: argparse.Namespace) -> None:
+    if args.model.startswith("deeplabv3_") and args.batch_size < 2:
+        raise TrainingError("torchvision's DeepLabV3 has BatchNorm after global pooling, which cannot train on "
+                            "one image per batch: use --batch-size 2 or more")
+
+
 def prepare(args: argparse.Namespace) -> Run:
+    check_batch_size(args)
     context = distributed.setup(args.device)
     seed_everything(args.seed + context.rank)
     if context.device.type == "cuda":
