@@ -82,9 +82,9 @@ def torch_forward(model: nn.Module, device: torch.device, precision: str) -> For
 def compiled_forward(model: nn.Module, device: torch.device, precision: str) -> Forward:
     """``torch_forward`` through torch.compile, with shapes symbolic so that each new image size
     does not trigger a recompilation."""
-    # Freezing folds batch norm into the convolutions and pre-packs the weights for the CPU kernels.
-    torch._inductor.config.freezing = True
-    return torch.compile(torch_forward(model, device, precision), dynamic=True)
+    # Freezing folds batch norm into the convolutions and pre-packs the weights for the CPU kernels;
+    # set for this compilation only, as it would be wrong for a model still being trained.
+    return torch.compile(torch_forward(model, device, precision), dynamic=True, options={"freezing": True})
 
 
 @dataclass(frozen=True)
