@@ -57,12 +57,15 @@ def run(args: argparse.Namespace) -> dict:
     return write_guard(args.checkpoint, figures)
 
 
+def optional(value: float | None, digits: int) -> str:
+    return "undefined" if value is None else f"{value:.{digits}f}"
+
+
 def report(record: dict, checkpoint: str) -> str:
-    drop = record["miou_drop_points"]
     return (f"{record['images']} images, {record['pixels']:,} pixels\n"
             f"argmax agreement fp32 vs bf16: {record['agreement']:.4%} (needs >= {MIN_AGREEMENT:.1%})\n"
-            f"mIoU fp32 {record['miou_fp32']}, bf16 {record['miou_bf16']}: drop "
-            f"{'undefined' if drop is None else f'{drop:.3f}'} points (needs <= {MAX_MIOU_DROP_POINTS})\n"
+            f"mIoU fp32 {optional(record['miou_fp32'], 4)}, bf16 {optional(record['miou_bf16'], 4)}: drop "
+            f"{optional(record['miou_drop_points'], 3)} points (needs <= {MAX_MIOU_DROP_POINTS})\n"
             f"verdict: {'bf16 allowed' if record['ok'] else 'fp32 only'} (written to {guard_path(checkpoint)})")
 
 
