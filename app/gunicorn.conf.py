@@ -3,7 +3,7 @@
 Each worker builds its own app and loads the model after the fork (post_worker_init), so
 the parent never touches torch or CUDA.  Tune with the environment:
 SEG_BIND (0.0.0.0:8000), SEG_WORKERS (2), SEG_THREADS_PER_WORKER (2 request threads),
-SEG_THREADS (torch threads per worker; default: the cores shared out among the workers),
+SEG_THREADS (torch threads per worker; default: every core),
 SEG_PRECISION (auto | fp32 | bf16), SEG_COMPILE (1: torch.compile at worker start).
 The defaults are the best setting measured by bench/serve.py (see bench/README.md).
 """
@@ -13,9 +13,11 @@ import sys
 bind = os.environ.get("SEG_BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("SEG_WORKERS", "2"))
 threads = int(os.environ.get("SEG_THREADS_PER_WORKER", "2"))
-# Each worker's torch would otherwise start one thread per core: workers x cores threads fighting
-# over the cores.  Set before the fork, so every worker's settings read it.
-os.environ.setdefault("SEG_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+# Every worker may use every core: a request spends about 40% of its time outside the network
+# (decode, argmax, overlay, HTTP), when the other worker's forward can take both cores.  On 2 cores
+# with 4 clients, 2 workers x 2 torch threads served 10.6 req/s against 9.9 for 2 x 1 (p99 675 vs
+# 819 ms) and 6.3 for 1 x 2 (bench/README.md).  Set before the fork, so every worker reads it.
+os.environ.setdefault("SEG_THREADS", str(len(os.sched_getaffinity(0))))
 worker_class = "gthread"
 timeout = int(os.environ.get("SEG_TIMEOUT", "120"))
 graceful_timeout = 30
