@@ -79,11 +79,12 @@ def test_checkpoints_carry_metadata_and_state(trained):
 def test_test_py_agrees_with_independent_computation(trained, coco_root, tmp_path):
     predictions = tmp_path / "pred"
     code = test_script.main(["--checkpoint", str(trained / "model_final.pth"), "--batch-size", "4",
-                             "--workers", "0", "--val-split", "train2017", "--save-predictions", str(predictions)]
-                            + data_args(coco_root, tmp_path))
+                             "--workers", "0", "--val-split", "train2017", "--save-predictions", str(predictions),
+                             "--rank-images", "2"] + data_args(coco_root, tmp_path))
     assert code == 0
     report = json.loads((tmp_path / "metrics.json").read_text())
     intersection, union, correct, valid = np.zeros(91), np.zeros(91), 0, 0
+    per_image = {}
     for mask_file in sorted((coco_root / "masks" / "train2017").glob("*.npy")):
         truth = np.load(mask_file)
         prediction = np.asarray(Image.open(predictions / f"{mask_file.stem}.png"))
@@ -91,9 +92,14 @@ def test_test_py_agrees_with_independent_computation(trained, coco_root, tmp_pat
         keep = truth != 255
         t, p = truth[keep].astype(int), prediction[keep].astype(int)
         correct, valid = correct + (t == p).sum(), valid + keep.sum()
+        image_ious = []
         for c in range(91):
-            intersection[c] += ((t == c) & (p == c)).sum()
-            union[c] += ((t == c) | (p == c)).sum()
+            both, either = ((t == c) & (p == c)).sum(), ((t == c) | (p == c)).sum()
+            intersection[c] += both
+            union[c] += either
+            if either:
+                image_ious.append(both / either)
+        per_image[f"{mask_file.stem}.jpg"] = np.mean(image_ious)
     present = union > 0
     assert report["pixel_accuracy"] == pytest.approx(correct / valid)
     assert report["miou"] == pytest.approx((intersection[present] / union[present]).mean())
@@ -101,6 +107,11 @@ def test_test_py_agrees_with_independent_computation(trained, coco_root, tmp_pat
     assert "mIoU" in (tmp_path / "log_test.log").read_text()
     assert "person" in (tmp_path / "log_test.log").read_text()
     assert Image.open(tmp_path / "vision_confusion_matrix.jpg").size[0] > 500
+    rows = [line.split(",") for line in (tmp_path / "per_image_iou.csv").read_text().splitlines()[1:]]
+    assert len(rows) == 12 and all(float(score) == pytest.approx(per_image[name], abs=1e-5) for name, score in rows)
+    assert [float(score) for _, score in rows] == sorted(float(score) for _, score in rows)
+    drawn = sorted(p.name for p in (tmp_path / "best_worst").glob("*.jpg"))
+    assert len(drawn) == 4 and drawn[0].startswith("best_01_" + Path(rows[-1][0]).stem)
 
 
 def test_test_draw_draws_and_times(trained, coco_root, tmp_path):
