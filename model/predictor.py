@@ -6,7 +6,7 @@ image is decoded, resized, normalised and decoded back in exactly one way.
 How the network runs (``Predictor.from_checkpoint`` options): always in channels_last memory;
 in fp32, or under bf16 autocast (CPUs with native bf16) / fp16 autocast (CUDA) when
 ``precision="auto"`` and the checkpoint's accuracy guard passed (``<checkpoint>.guard.json``,
-written by guard_precision.py), or when ``precision="bf16"`` asks for it.  ``compiled=True``
+written by tools/guard_precision.py), or when ``precision="bf16"`` asks for it.  ``compiled=True``
 adds torch.compile, compiled during loading; ``backend="onnxruntime"`` runs the exported ONNX
 graph instead (CPU, fp32).  bench/infer.py times each of these.
 """

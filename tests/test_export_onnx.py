@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-import export_onnx as export_command
 from model import build_model
 from model.export_onnx import export_onnx, largest_difference, onnxruntime_session, run_session
 from tests.tiny_checkpoint import make_checkpoint
+from tools import export_onnx as export_command
 
 pytest.importorskip("onnxscript", reason="ONNX export needs onnx + onnxscript (requirements-dev.txt)")
 pytest.importorskip("onnxruntime", reason="the check runs the export in onnxruntime (requirements-dev.txt)")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-import guard_precision
 import model.predictor
 from model.predictor import Predictor
 from tests.synthetic_coco import make_coco
 from tests.tiny_checkpoint import make_checkpoint
+from tools import guard_precision
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.classes import COCO_CLASSES
 from utils.coco_convert import convert

@@ -1,7 +1,7 @@
 """Whether bf16 may serve a checkpoint: fp32 and bf16 predictions compared on a validation set.
 
 The verdict lives beside the checkpoint as ``<checkpoint>.guard.json`` (written by
-guard_precision.py), not inside it: the checkpoint file, and so the sha256 its model card
+tools/guard_precision.py), not inside it: the checkpoint file, and so the sha256 its model card
 records, stays unchanged.  The record names the checkpoint's sha256, so a checkpoint
 retrained to the same path never inherits an old verdict.
 

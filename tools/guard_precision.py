@@ -1,6 +1,6 @@
 """Measure whether a checkpoint may be served in bf16, and record the verdict beside it.
 
-    python guard_precision.py --checkpoint save/default/model.pth --data-dir data/default \
+    python tools/guard_precision.py --checkpoint save/default/model.pth --data-dir data/default \
         --mask-dir data/default/masks --val-split val
 
 Runs the predictor in fp32 and in bf16 over the validation images (each as the service sees
@@ -12,13 +12,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-import config
-from model.predictor import Predictor
-from utils.checkpoint import CheckpointError
-from utils.cli import fail
-from utils.datasets import DatasetError, build_dataset
-from utils.precision_guard import MAX_MIOU_DROP_POINTS, MIN_AGREEMENT, compare_precisions, guard_path, write_guard
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import config  # noqa: E402
+from model.predictor import Predictor  # noqa: E402
+from utils.checkpoint import CheckpointError  # noqa: E402
+from utils.cli import fail  # noqa: E402
+from utils.datasets import DatasetError, build_dataset  # noqa: E402
+from utils.precision_guard import (  # noqa: E402
+    MAX_MIOU_DROP_POINTS,
+    MIN_AGREEMENT,
+    compare_precisions,
+    guard_path,
+    write_guard,
+)
 
 
 class GuardError(ValueError):

@@ -1,6 +1,6 @@
 """Export a checkpoint to ONNX (any height and width), checked against PyTorch on odd sizes.
 
-    python export_onnx.py --checkpoint save/default/model.pth [--out save/default/model.onnx]
+    python tools/export_onnx.py --checkpoint save/default/model.pth [--out save/default/model.onnx]
 
 Input ``images`` (N x 3 x H x W, normalised as the checkpoint's meta says), output ``logits``
 (N x C x H x W).  Needs onnx, onnxscript and onnxruntime (pip install -r requirements-dev.txt).
@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
-from model.export_onnx import CHECK_SIZES, export_onnx, largest_difference, onnxruntime_session
-from utils.checkpoint import CheckpointError
-from utils.cli import fail
-from utils.evaluation import load_model
-from utils.fileio import atomic_path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.export_onnx import CHECK_SIZES, export_onnx, largest_difference, onnxruntime_session  # noqa: E402
+from utils.checkpoint import CheckpointError  # noqa: E402
+from utils.cli import fail  # noqa: E402
+from utils.evaluation import load_model  # noqa: E402
+from utils.fileio import atomic_path  # noqa: E402
 
 TOLERANCE = 1e-3  # largest absolute logit difference accepted between ONNX Runtime and PyTorch
 
