@@ -1,6 +1,6 @@
 """Convert MS-COCO instance annotations into one uint8 class mask (.npy) per image.
 
-    python cocomask_to_numpy.py --annotations instances_train2017.json \
+    python cocomask_to_numpy.py --annotations instances_train2017.json \\
         --images train2017 --out masks/train2017 [--workers N] [--shard I/N]
 
 See utils/coco_convert.py for the overlap rules; README.md for the layout.

@@ -1,6 +1,6 @@
 """Measure whether a checkpoint may be served in bf16, and record the verdict beside it.
 
-    python tools/guard_precision.py --checkpoint save/default/model.pth --data-dir data/default \
+    python tools/guard_precision.py --checkpoint save/default/model.pth --data-dir data/default \\
         --mask-dir data/default/masks --val-split val
 
 Runs the predictor in fp32 and in bf16 over the validation images (each as the service sees
