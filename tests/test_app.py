@@ -7,9 +7,11 @@ import struct
 import time
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from flask import render_template
 from PIL import Image
 
 from app import create_app
@@ -85,8 +87,15 @@ def test_page_shows_result_and_escapes_class_names(client):
     assert response.status_code == 200
     html = response.data.decode()
     assert 'id="result-image"' in html and "/results/" in html
-    if "&lt;b&gt;tag&lt;/b&gt;" not in html:  # the class may not be predicted; check the legend is escaped
-        assert "<b>tag</b>" not in html
+
+
+def test_legend_escapes_class_names(client):
+    # Rendered directly: the tiny model need not predict the class whose name is markup.
+    row = {"colour": "#ff0000", "name": "<b>tag</b>", "area_ratio": 0.5, "mean_confidence": 0.9}
+    result = SimpleNamespace(width=4, height=3, inference_ms=1.0)
+    with client.application.test_request_context("/"):
+        html = render_template("index.html", action="/", result=result, image_url="/results/x.jpg", legend=[row])
+    assert "&lt;b&gt;tag&lt;/b&gt;" in html and "<b>tag</b>" not in html
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -179,7 +188,12 @@ def test_token_rule(make_client):
     "/results/../app/__init__.py", "/results/..%2F..%2Fapp%2F__init__.py", "/results/%2e%2e%2fREADME.md",
     "/results/AAAAAAAAAAAAAAAAAAAAAA.jpg", "/results/.hidden.jpg", "/results/x.png",
 ])
-def test_results_never_serve_anything_else(client, path):
+def test_results_never_serve_anything_else(client, tmp_path, path):
+    # Files that exist in the results folder but are not result names must stay hidden too.
+    folder = tmp_path / "results"
+    folder.mkdir(exist_ok=True)
+    for name in (".hidden.jpg", "x.png"):
+        (folder / name).write_bytes(encoded(photo()))
     assert client.get(path).status_code == 404
 
 
