@@ -12,6 +12,7 @@ from torch import nn
 from model.deeplabv3plus import DeepLabV3Plus
 from model.torchvision_models import TORCHVISION_MODELS
 from model.unet import UNet
+from utils.checkpoint import CheckpointError
 from utils.classes import IGNORE_INDEX
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -47,6 +48,17 @@ def load_pretrained(model: nn.Module, path: str) -> str:
 def build_from_meta(meta: dict) -> nn.Module:
     """The architecture a checkpoint's ``meta`` describes (weights still to be loaded)."""
     return build_model(meta["arch"], **meta["arch_args"])
+
+
+def model_from_checkpoint(checkpoint: dict) -> nn.Module:
+    """The model a loaded checkpoint describes, with its weights; CheckpointError when the
+    metadata names no buildable model or the weights do not fit it."""
+    try:
+        model = build_from_meta(checkpoint["meta"])
+        model.load_state_dict(checkpoint["model"])
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"the checkpoint's metadata and weights do not make a model: {error}") from error
+    return model
 
 
 def main_logits(outputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from model import build_from_meta, main_logits
+from model import main_logits, model_from_checkpoint
 from model.export_onnx import export_onnx, onnxruntime_session, run_session
 from utils.checkpoint import load_checkpoint
 from utils.classes import palette
@@ -179,8 +179,7 @@ class Predictor:
             torch.set_num_threads(threads)
         device = pick_device(device)
         checkpoint = load_checkpoint(path, map_location=device)
-        model = build_from_meta(checkpoint["meta"])
-        model.load_state_dict(checkpoint["model"])
+        model = model_from_checkpoint(checkpoint)
         if backend == "onnxruntime":
             predictor = cls.on_onnxruntime(model, checkpoint["meta"], device, precision)
         else:

@@ -18,7 +18,8 @@ from model.predictor import (
     render_overlay,
     summarize,
 )
-from utils.checkpoint import save_checkpoint
+from tests.tiny_checkpoint import make_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.classes import palette
 from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 
@@ -289,3 +290,12 @@ def test_overlay_colours_many_class_maps_like_byte_class_maps():
     class_map = np.array([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [0, 0, 7, 7, 0, 0]], dtype=np.uint8)
     expected = np.asarray(render_overlay(image, class_map))
     np.testing.assert_array_equal(np.asarray(render_overlay(image, class_map.astype(np.int32))), expected)
+
+
+@pytest.mark.parametrize("change", [{"arch": "no-such-model"}, {"arch_args": {"num_classes": 3, "base_width": 8}}])
+def test_checkpoint_whose_meta_and_weights_disagree_is_a_checkpoint_error(tmp_path, change):
+    checkpoint = load_checkpoint(make_checkpoint(tmp_path / "good.pth"))
+    checkpoint["meta"].update(change)
+    save_checkpoint(tmp_path / "bad.pth", checkpoint)
+    with pytest.raises(CheckpointError, match="do not make a model"):
+        Predictor.from_checkpoint(tmp_path / "bad.pth", device="cpu")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
-from model import build_from_meta, main_logits
+from model import main_logits, model_from_checkpoint
 from utils import distributed
 from utils.checkpoint import load_checkpoint
 from utils.classes import IGNORE_INDEX
@@ -48,8 +48,7 @@ class SizeGroupedBatches(Sampler[list[int]]):
 def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """A model rebuilt from a checkpoint's own metadata, in eval mode on ``device``."""
     checkpoint = load_checkpoint(path, map_location=device)
-    model = build_from_meta(checkpoint["meta"])
-    model.load_state_dict(checkpoint["model"])
+    model = model_from_checkpoint(checkpoint)
     return model.to(device, memory_format=torch.channels_last).eval(), checkpoint["meta"]
 
 
