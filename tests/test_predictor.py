@@ -21,6 +21,7 @@ from model.predictor import (
 from tests.tiny_checkpoint import make_checkpoint
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.classes import palette
+from utils.evaluation import load_model
 from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 
 NUM_CLASSES = 6
@@ -299,3 +300,5 @@ def test_checkpoint_whose_meta_and_weights_disagree_is_a_checkpoint_error(tmp_pa
     save_checkpoint(tmp_path / "bad.pth", checkpoint)
     with pytest.raises(CheckpointError, match="do not make a model"):
         Predictor.from_checkpoint(tmp_path / "bad.pth", device="cpu")
+    with pytest.raises(CheckpointError, match="do not make a model"):  # test.py's and the exporter's loader
+        load_model(tmp_path / "bad.pth", torch.device("cpu"))
