@@ -12,6 +12,7 @@ import argparse
 import sys
 
 import config
+from model.smp_models import ENCODERS
 from utils.checkpoint import CheckpointError
 from utils.cli import fail, setup_logging
 from utils.datasets import DatasetError, add_dataset_arguments
@@ -34,6 +35,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torchvision DeepLabV3/FCN: add the auxiliary head (its loss counts half)")
     parser.add_argument("--weights", help="local file of pretrained weights (a full model or a backbone); "
                                           "never downloaded; without it training starts from scratch")
+    encoder = parser.add_argument_group("pretrained encoders (--model smp_unet)")
+    encoder.add_argument("--encoder", choices=ENCODERS, default="mobilenet_v2", help="the encoder network")
+    encoder.add_argument("--encoder-output-stride", type=int, choices=(16, 32), default=32,
+                         help="16: MobileNetV2's last blocks dilated, as DeepLab trained them (use with its weights)")
+    encoder.add_argument("--encoder-weights", metavar="FILE|imagenet",
+                         help="a torchvision classifier or segmentation state dict (key rule: "
+                              "model/encoder_weights.py), or 'imagenet' to download torchvision's (online only)")
+    encoder.add_argument("--encoder-lr-factor", type=float, default=0.1,
+                         help="encoder learning rate = --lr x this (default: 0.1)")
+    encoder.add_argument("--freeze-encoder-epochs", type=int, default=0,
+                         help="train only the decoder for this many epochs first (default: 0)")
+    encoder.add_argument("--train-encoder-bn", action="store_true",
+                         help="update the encoder's BatchNorm statistics (default: with --encoder-weights they "
+                              "stay the pretrained ones, which batches of a few crops would estimate worse)")
+    encoder.add_argument("--distill-from", metavar="FILE",
+                         help="the DeepLabV3 MobileNetV2 VOC weights as a teacher: its 21 classes guide the "
+                              "student's classes of the same names (utils/distillation.py)")
+    encoder.add_argument("--distill-weight", type=float, default=1.0, help="weight of the distillation loss")
     parser.add_argument("--class-weights", help="conversion.json whose class_pixel_counts weight the loss "
                                                 "(median frequency)")
     parser.add_argument("--class-weight-mode", choices=CLASS_WEIGHT_MODES, default="median_frequency",

@@ -10,14 +10,18 @@ import torch
 from torch import nn
 
 from model.deeplabv3plus import DeepLabV3Plus
+from model.smp_models import smp_unet
 from model.torchvision_models import TORCHVISION_MODELS
 from model.unet import UNet
 from utils.checkpoint import CheckpointError
-from utils.classes import IGNORE_INDEX
+from utils.classes import IGNORE_INDEX, never_labelled_ids
+
+NEVER_LOGIT = -1e4  # exp(-1e4 - anything real) is 0, and fp16 still holds it
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "unet": UNet,
     "deeplabv3plus_mobilenetv2": DeepLabV3Plus,
+    "smp_unet": smp_unet,
     **TORCHVISION_MODELS,
 }
 
@@ -52,13 +56,31 @@ def build_from_meta(meta: dict) -> nn.Module:
 
 def model_from_checkpoint(checkpoint: dict) -> nn.Module:
     """The model a loaded checkpoint describes, with its weights; CheckpointError when the
-    metadata names no buildable model or the weights do not fit it."""
+    metadata names no buildable model or the weights do not fit it.  Classes that no
+    annotation can hold (COCO's unused ids) are never predicted."""
     try:
         model = build_from_meta(checkpoint["meta"])
         model.load_state_dict(checkpoint["model"])
     except (ValueError, TypeError, RuntimeError) as error:
         raise CheckpointError(f"the checkpoint's metadata and weights do not make a model: {error}") from error
+    never_predict(model, never_labelled_ids(checkpoint["meta"]["class_names"]))
     return model
+
+
+def never_predict(model: nn.Module, class_ids: Sequence[int]) -> None:
+    """Make ``class_ids`` impossible answers of ``model``: a forward hook sets their logits to
+    NEVER_LOGIT, so argmax never picks them and softmax gives them 0 (finite, so that a stray
+    label of such a class costs a large loss, not an infinite one)."""
+    if not class_ids:
+        return
+    ids = torch.tensor(list(class_ids))
+
+    def fill(module: nn.Module, inputs: tuple, outputs: torch.Tensor | dict[str, torch.Tensor]) -> None:
+        # In place: 10 of 91 channels written, where a masked copy would copy all the logits.
+        for logits in outputs.values() if isinstance(outputs, dict) else (outputs,):
+            logits.index_fill_(1, ids.to(logits.device), NEVER_LOGIT)
+
+    model.register_forward_hook(fill)
 
 
 def main_logits(outputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:

@@ -9,6 +9,7 @@ from tests.synthetic_coco import SyntheticCoco, make_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_WEIGHTS = ROOT.parent / "shared" / "weights"
 
 
 def shared_dataset(name: str) -> Path:
@@ -16,6 +17,14 @@ def shared_dataset(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.is_dir():
         pytest.skip(f"{path} is absent (the real datasets live in ../shared/data beside the repo)")
+    return path
+
+
+def shared_weights(name: str) -> Path:
+    """Path of ``../shared/weights/<name>``, or skip the test with the reason."""
+    path = SHARED_WEIGHTS / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (the pretrained weights live in ../shared/weights beside the repo)")
     return path
 
 

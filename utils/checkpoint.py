@@ -38,6 +38,24 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None
         torch.save(checkpoint, tmp)
 
 
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file: a bare state dict, or one under ``model`` or ``state_dict``.
+
+    Loaded weights-only, so a file whose pickle would run code is refused, not executed.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt, foreign or unsafe files
+        raise CheckpointError(f"cannot load weights from {path}: {str(error).splitlines()[0]}") from error
+    if isinstance(state, dict):
+        state = state.get("model", state.get("state_dict", state))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    return state
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint safely (``weights_only=True``) and check its metadata."""
     if not os.path.isfile(path):

@@ -1,6 +1,8 @@
 """Class names and colours: the one place they are defined."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 # The 80 COCO "thing" categories by their official ids (1..90, with 10 ids never used).
@@ -21,6 +23,15 @@ COCO_CATEGORIES: dict[int, str] = {
     89: "hair drier", 90: "toothbrush",
 }
 
+# Pascal VOC's 20 classes and background, in VOC's label order.
+VOC_CLASSES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+# VOC names that COCO spells otherwise; the other 14 VOC classes carry the COCO name itself.
+VOC_TO_COCO_NAMES = {"aeroplane": "airplane", "diningtable": "dining table", "motorbike": "motorcycle",
+                     "pottedplant": "potted plant", "sofa": "couch", "tvmonitor": "tv"}
+
 NUM_COCO_CLASSES = 91  # background + ids 1..90
 IGNORE_INDEX = 255  # mask value for "do not learn or score this pixel", in every dataset
 
@@ -36,6 +47,13 @@ COCO_CLASSES: tuple[str, ...] = ("background",) + tuple(
 COCO_UNUSED_IDS: tuple[int, ...] = tuple(
     i for i in range(1, NUM_COCO_CLASSES) if i not in COCO_CATEGORIES
 )
+
+
+def never_labelled_ids(class_names: Sequence[str]) -> list[int]:
+    """The indices of ``class_names`` that are COCO ids COCO never uses (``unused-12``...): no
+    annotation can teach them, so a model must never answer them."""
+    placeholders = {_unused_name(class_id) for class_id in COCO_UNUSED_IDS}
+    return [index for index, name in enumerate(class_names) if name in placeholders]
 
 
 def palette(num_classes: int) -> np.ndarray:

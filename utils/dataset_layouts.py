@@ -30,9 +30,6 @@ FOLDER_LAYOUTS = (("{s}_images", "{s}_masks"), ("images/{s}", "masks/{s}"), ("im
                   ("images_prepped_{s}", "annotations_prepped_{s}"), ("{s}", "{s}annot"))
 LIST_PAIR_FOLDERS = (("images", "masks"), ("Image", "Mask"), ("images", "annotations"),
                      ("JPEGImages", "SegmentationClass"))
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
 BINARY_THRESHOLD = 128  # anti-aliased 0/255 masks: the edge greys go to the nearer side
 
 

@@ -13,9 +13,8 @@ import torch
 from torch.utils.data import Dataset
 
 import config
-from utils.classes import COCO_CLASSES, IGNORE_INDEX
+from utils.classes import COCO_CLASSES, IGNORE_INDEX, VOC_CLASSES
 from utils.dataset_layouts import (
-    VOC_CLASSES,
     LayoutError,
     MaskFormat,
     folder_pairs,

@@ -16,10 +16,14 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from model import build_model, load_pretrained, main_logits, model_meta
+from model import build_model, load_pretrained, main_logits, model_meta, never_predict
+from model.deeplab_voc import load_voc_teacher
+from model.encoder_weights import load_encoder_weights
 from utils import distributed
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.classes import VOC_CLASSES, never_labelled_ids
 from utils.datasets import PairedDataset, build_dataset
+from utils.distillation import GroupedDistillation
 from utils.fileio import atomic_path, write_text
 from utils.losses import build_loss, class_weights_from_counts
 from utils.metrics import ConfusionMatrix
@@ -54,8 +58,9 @@ def seed_everything(seed: int) -> None:
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
                     context: distributed.Context, epoch: int, max_steps: int | None,
-                    precision: str = "auto") -> float:
-    """One pass over ``loader`` (at most ``max_steps`` batches); the mean loss over all ranks."""
+                    precision: str = "auto", distillation: GroupedDistillation | None = None) -> float:
+    """One pass over ``loader`` (at most ``max_steps`` batches); the mean loss over all ranks.
+    With ``distillation``, its loss is added to the criterion's."""
     model.train()
     device = context.device
     total = torch.zeros(2, device=device)
@@ -67,7 +72,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         masks = masks.to(device, non_blocking=True)
         with autocast(device, precision):
-            loss = compute_loss(criterion, model(images), masks)
+            outputs = model(images)
+            loss = compute_loss(criterion, outputs, masks)
+            if distillation is not None:
+                loss = loss + distillation(images, main_logits(outputs), masks)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -118,6 +126,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     meta: dict
+    distillation: GroupedDistillation | None = None
     start_epoch: int = 1
     best_metric: float | None = None
     last_metrics: dict | None = None
@@ -128,6 +137,8 @@ def arch_args(args: argparse.Namespace, num_classes: int) -> dict:
     arguments = {"num_classes": num_classes}
     if args.model == "unet":
         arguments.update(base_width=args.base_width, bilinear=not args.transposed)
+    elif args.model.startswith("smp_"):
+        arguments.update(encoder=args.encoder, encoder_output_stride=args.encoder_output_stride)
     elif args.model.startswith("deeplabv3plus"):
         arguments.update(output_stride=args.output_stride)
     elif args.model.startswith(("deeplabv3_", "fcn_")):
@@ -181,8 +192,61 @@ def check_batch_size(args: argparse.Namespace) -> None:
                             "one image per batch: use --batch-size 2 or more")
 
 
-def prepare(args: argparse.Namespace) -> Run:
+def build_pretrained_model(args: argparse.Namespace, arguments: dict) -> tuple[nn.Module, dict | None]:
+    """The model with any pretrained weights asked for; and where its encoder's weights came from."""
+    encoder_source = None
+    try:
+        model = build_model(args.model, **arguments)
+        if args.weights:
+            log.info("pretrained weights: %s", load_pretrained(model, args.weights))
+        if args.encoder_weights:
+            encoder_source = load_encoder_weights(model, args.encoder_weights, arguments.get("encoder", "")).as_meta()
+            if not args.train_encoder_bn:
+                model.freeze_encoder_batchnorm()
+    except CheckpointError:
+        raise
+    except (ValueError, OSError, RuntimeError) as error:
+        raise TrainingError(str(error)) from error
+    return model, encoder_source
+
+
+def parameter_groups(model: nn.Module, lr: float, encoder_lr_factor: float) -> list[dict]:
+    """The decoder and head at ``lr``, a pretrained-capable encoder at ``lr * encoder_lr_factor``
+    (pretrained features need small steps; the randomly initialised decoder needs large ones).
+    The decoder's group comes first: it is the one the log's ``lr`` column reports."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is None:
+        return [{"params": list(model.parameters()), "lr": lr}]
+    encoder_ids = {id(p) for p in encoder.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in encoder_ids]
+    return [{"params": rest, "lr": lr}, {"params": list(encoder.parameters()), "lr": lr * encoder_lr_factor}]
+
+
+def make_distillation(args: argparse.Namespace, class_names: list[str],
+                      device: torch.device) -> GroupedDistillation | None:
+    if not args.distill_from:
+        return None
+    try:
+        return GroupedDistillation(load_voc_teacher(args.distill_from), VOC_CLASSES, class_names,
+                                   args.distill_weight).to(device, memory_format=torch.channels_last)
+    except ValueError as error:
+        raise TrainingError(str(error)) from error
+
+
+def check_options(args: argparse.Namespace) -> None:
     check_batch_size(args)
+    if (args.encoder_weights or args.freeze_encoder_epochs) and not args.model.startswith("smp_"):
+        raise TrainingError("--encoder-weights and --freeze-encoder-epochs need an encoder model (--model smp_...)")
+
+
+def set_encoder_trainable(model: nn.Module, trainable: bool) -> None:
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None:
+        encoder.requires_grad_(trainable)
+
+
+def prepare(args: argparse.Namespace) -> Run:
+    check_options(args)
     context = distributed.setup(args.device)
     seed_everything(args.seed + context.rank)
     if context.device.type == "cuda":
@@ -190,12 +254,8 @@ def prepare(args: argparse.Namespace) -> Run:
     train_loader, val_loader, train_set = make_loaders(args, context)
     class_names = train_set.class_names
     arguments = arch_args(args, len(class_names))
-    try:
-        bare_model = build_model(args.model, **arguments)
-        if args.weights:
-            log.info("pretrained weights: %s", load_pretrained(bare_model, args.weights))
-    except (ValueError, OSError, RuntimeError) as error:
-        raise TrainingError(str(error)) from error
+    bare_model, encoder_source = build_pretrained_model(args, arguments)
+    never_predict(bare_model, never_labelled_ids(class_names))
     bare_model = bare_model.to(context.device, memory_format=torch.channels_last)
     model = bare_model
     if context.distributed:
@@ -204,15 +264,18 @@ def prepare(args: argparse.Namespace) -> Run:
             bare_model = model
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(bare_model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(parameter_groups(bare_model, args.lr, args.encoder_lr_factor))
     steps = args.epochs * min(len(train_loader), args.max_steps or len(train_loader))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     input_size = args.input_size or args.crop_size
     meta = model_meta(args.model, arguments, class_names, [input_size, input_size],
                       list(IMAGENET_MEAN), list(IMAGENET_STD))
+    if encoder_source:
+        meta["encoder_weights"] = encoder_source
     return Run(args, context, model, bare_model, train_loader, val_loader,
                make_criterion(args, len(class_names), context.device), optimizer, scheduler,
-               torch.amp.GradScaler("cuda", enabled=context.device.type == "cuda" and args.precision == "auto"), meta)
+               torch.amp.GradScaler("cuda", enabled=context.device.type == "cuda" and args.precision == "auto"), meta,
+               make_distillation(args, class_names, context.device))
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -291,10 +354,11 @@ def run_epoch(run: Run, epoch: int) -> dict:
     if isinstance(run.train_loader.sampler, DistributedSampler):
         run.train_loader.sampler.set_epoch(epoch)
     started = time.time()
+    set_encoder_trainable(run.bare_model, epoch > args.freeze_encoder_epochs)
     row = {"epoch": epoch, "lr": f"{run.scheduler.get_last_lr()[0]:.3e}",
            "train_loss": round(train_one_epoch(run.model, run.train_loader, run.criterion, run.optimizer,
                                                run.scheduler, run.scaler, context, epoch, args.max_steps,
-                                               args.precision), 5)}
+                                               args.precision, run.distillation), 5)}
     if epoch % args.val_every == 0 or epoch == args.epochs:
         matrix, val_loss = evaluate(run.bare_model, run.val_loader, len(run.meta["class_names"]), context,
                                     run.criterion, args.precision)
