@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     encoder.add_argument("--train-encoder-bn", action="store_true",
                          help="update the encoder's BatchNorm statistics (default: with --encoder-weights they "
                               "stay the pretrained ones, which batches of a few crops would estimate worse)")
+    encoder.add_argument("--voc-head", metavar="FILE",
+                         help="add DeepLab's VOC head from this DeepLabV3 MobileNetV2 VOC file (needs mobilenet_v2 "
+                              "at output stride 16): its 21 class logits feed the classes of the same names")
     encoder.add_argument("--distill-from", metavar="FILE",
                          help="the DeepLabV3 MobileNetV2 VOC weights as a teacher: its 21 classes guide the "
                               "student's classes of the same names (utils/distillation.py)")

@@ -7,12 +7,20 @@ loaded afterwards, from a file or an explicit ``imagenet`` request, never behind
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.deeplab_voc import VOCHead, head_state
 from model.deeplabv3plus import dilate_beyond_output_stride
+from utils.checkpoint import load_state_dict_file
+from utils.classes import VOC_CLASSES
+from utils.distillation import teacher_groups
 
 ENCODERS = ("mobilenet_v2", "resnet18", "resnet34", "resnet50", "vgg16_bn")
 DILATABLE_ENCODERS = ("mobilenet_v2",)  # output stride 16 as DeepLab trained it (see dilate_encoder)
@@ -40,6 +48,10 @@ class AnySizeModel(nn.Module):
     def encoder(self) -> nn.Module:
         return self.net.encoder
 
+    def pretrained_parts(self) -> list[nn.Module]:
+        """What pretrained weights fill: it learns at the encoder's (lower) rate."""
+        return [self.encoder]
+
     def freeze_encoder_batchnorm(self) -> None:
         """Keep the encoder's BatchNorm statistics (the pretrained ones) in training too: batches of
         a few crops estimate them worse than the millions of pixels they were measured on."""
@@ -62,6 +74,66 @@ class AnySizeModel(nn.Module):
         return logits[..., :height, :width]
 
 
+class UNetWithVOCHead(AnySizeModel):
+    """SMP's U-Net on a MobileNetV2 at output stride 16, plus DeepLab's VOC head on the encoder's
+    block-17 features: its 21 class logits, mapped to this model's classes by a learnt 1x1
+    convolution, are added to the U-Net's logits.
+
+    Why: 341 images teach a fresh decoder little beyond people, while the DeepLab VOC head already
+    knows 20 classes on exactly these features.  Loaded with that head and a name-to-name mapping
+    (``load_voc_head``), the model starts out answering as DeepLab does for the VOC classes; the
+    U-Net refines the edges and learns the classes VOC lacks.  Untrained, the mapping is zero and
+    the model is a plain U-Net.
+    """
+
+    SKIP_BLOCKS = (1, 3, 6, 13, 18)  # SMP's MobileNetV2 taps: strides 2, 4, 8, 16 and the last block
+    HEAD_BLOCK = 17  # the 320 channels DeepLab's head reads
+
+    def __init__(self, net: nn.Module, num_classes: int) -> None:
+        super().__init__(net)
+        self.voc_head = VOCHead()
+        self.voc_to_classes = nn.Conv2d(len(VOC_CLASSES), num_classes, 1, bias=False)
+        nn.init.zeros_(self.voc_to_classes.weight)
+
+    def pretrained_parts(self) -> list[nn.Module]:
+        return [self.encoder, self.voc_head]
+
+    def encode(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The U-Net's encoder features (SMP's order) and the head's block-17 features, in one pass."""
+        features, head_features = [images], images
+        for index, block in enumerate(self.encoder.features):
+            images = block(images)
+            if index in self.SKIP_BLOCKS:
+                features.append(images)
+            if index == self.HEAD_BLOCK:
+                head_features = images
+        return features, head_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        multiple = self.encoder.output_stride
+        images = F.pad(images, (0, -width % multiple, 0, -height % multiple))
+        features, head_features = self.encode(images)
+        logits = self.net.segmentation_head(self.net.decoder(features))
+        prior = self.voc_to_classes(self.voc_head(head_features))
+        prior = F.interpolate(prior, size=logits.shape[-2:], mode="bilinear", align_corners=True)
+        return (logits + prior)[..., :height, :width]
+
+
+def load_voc_head(model: UNetWithVOCHead, path: str | os.PathLike, class_names: Sequence[str]) -> str:
+    """DeepLab's VOC head from ``path`` into ``model.voc_head``, and each VOC class's logit passed
+    to the model's class of the same name (VOC spellings mapped to COCO's); returns a log line."""
+    model.voc_head.load_state_dict(head_state(load_state_dict_file(path)))
+    groups = teacher_groups(VOC_CLASSES, class_names)
+    with torch.no_grad():
+        model.voc_to_classes.weight.zero_()
+        for class_index, voc_index in enumerate(groups):
+            if voc_index or class_index == 0:
+                model.voc_to_classes.weight[class_index, voc_index] = 1.0
+    mapped = sum(1 for voc_index in groups if voc_index)
+    return f"VOC head from {Path(path).name}: {mapped} classes take DeepLab's logits of the same name"
+
+
 def check_encoder(encoder: str, output_stride: int) -> None:
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; known encoders: {', '.join(ENCODERS)}")
@@ -72,11 +144,16 @@ def check_encoder(encoder: str, output_stride: int) -> None:
         raise ValueError(f"encoder output stride must be 16 or 32, got {output_stride}")
 
 
-def smp_unet(num_classes: int, encoder: str = "mobilenet_v2", encoder_output_stride: int = 32) -> AnySizeModel:
+def smp_unet(num_classes: int, encoder: str = "mobilenet_v2", encoder_output_stride: int = 32,
+             voc_head: bool = False) -> AnySizeModel:
     """SMP's U-Net over ``encoder``; ``encoder_output_stride`` 16 keeps MobileNetV2's last blocks at
-    1/16 of the input, dilated, as the DeepLab weights expect (the decoder then skips one upsampling)."""
+    1/16 of the input, dilated, as the DeepLab weights expect (the decoder then skips one upsampling);
+    ``voc_head`` adds DeepLab's VOC head (UNetWithVOCHead), for MobileNetV2 at stride 16 only."""
     check_encoder(encoder, encoder_output_stride)
+    if voc_head and (encoder, encoder_output_stride) != ("mobilenet_v2", 16):
+        raise ValueError("the VOC head reads MobileNetV2 at output stride 16: use --encoder mobilenet_v2 "
+                         "--encoder-output-stride 16")
     net = smp.Unet(encoder_name=encoder, encoder_weights=None, classes=num_classes)
     if encoder_output_stride != 32:
         dilate_encoder(net.encoder, encoder_output_stride)
-    return AnySizeModel(net)
+    return UNetWithVOCHead(net, num_classes) if voc_head else AnySizeModel(net)

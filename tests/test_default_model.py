@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools.coco import COCO
 
 from app import create_app
 from app.settings import DEFAULT_CHECKPOINT
@@ -24,7 +25,9 @@ RECORD = DEFAULT_CHECKPOINT.with_suffix(".json")
 def test_checkpoint_loads_by_metadata_and_fits_the_size_budget():
     checkpoint = load_checkpoint(DEFAULT_CHECKPOINT)
     meta = checkpoint["meta"]
-    assert meta["arch"] == "unet" and meta["num_classes"] == 91 and meta["class_names"][1] == "person"
+    assert meta["arch"] == "smp_unet" and meta["arch_args"]["encoder"] == "mobilenet_v2"
+    assert meta["num_classes"] == 91 and meta["class_names"][1] == "person"
+    assert meta["encoder_weights"]["source"] == "deeplabv3_mobilenet_v2_voc-tfqat-eeae4f3a.pth"
     assert meta["metrics"]["miou"] > 0
     assert DEFAULT_CHECKPOINT.stat().st_size <= 20 * 1024 * 1024
 
@@ -58,4 +61,25 @@ def test_service_with_no_configuration_serves_it(tmp_path, monkeypatch):
     response = client.post("/json", data={"file": (io.BytesIO(buffer.getvalue()), "a.jpg")},
                            content_type="multipart/form-data")
     assert response.status_code == 200
-    assert response.get_json()["model"] == {"architecture": "unet", "checkpoint": "model.pth"}
+    assert response.get_json()["model"] == {"architecture": "smp_unet", "checkpoint": "model.pth"}
+
+
+PEOPLE_PHOTOS = ["000000324614.jpg", "000000005001.jpg"]  # coco-tiny val: a person close up, a group
+
+
+@pytest.mark.parametrize("file_name", PEOPLE_PHOTOS)
+def test_finds_most_of_the_annotated_people_in_real_photos(file_name):
+    """Checked against COCO's own annotation of the photo, not against a recorded prediction."""
+    annotations = SHARED_DATA / "coco-tiny" / "annotations" / "instances_val2017.json"
+    image_path = SHARED_DATA / "coco-tiny" / "val2017" / file_name
+    if not image_path.exists() or not annotations.exists():
+        pytest.skip(f"{image_path} is absent (the real photos live in ../shared/data)")
+    coco = COCO(str(annotations))
+    (image_id,) = [i for i, info in coco.imgs.items() if info["file_name"] == file_name]
+    people = coco.loadAnns(coco.getAnnIds(imgIds=image_id, catIds=[1], iscrowd=False))
+    truth = np.any([coco.annToMask(annotation) for annotation in people], axis=0)
+    predicted = Predictor.from_checkpoint(DEFAULT_CHECKPOINT, precision="fp32").predict(
+        Image.open(image_path)).class_map == 1
+    assert truth.sum() > 1000
+    assert (predicted & truth).sum() / truth.sum() > 0.6  # most person pixels are called person
+    assert (predicted & truth).sum() / predicted.sum() > 0.6  # and most of what is called person is one

@@ -20,11 +20,13 @@ import test as test_script
 import train
 from app import create_app
 from model import build_model, model_meta
-from model.deeplab_voc import DeepLabV3VOC
+from model.deeplab_voc import DeepLabV3VOC, load_voc_teacher
+from model.encoder_weights import load_encoder_weights
 from model.predictor import Predictor
+from model.smp_models import load_voc_head
 from tests.synthetic_coco import make_coco
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.classes import COCO_CLASSES, COCO_UNUSED_IDS, IGNORE_INDEX, VOC_CLASSES
+from utils.classes import COCO_CLASSES, COCO_UNUSED_IDS, IGNORE_INDEX, VOC_CLASSES, VOC_TO_COCO_NAMES
 from utils.coco_convert import convert
 from utils.distillation import GroupedDistillation, teacher_groups
 from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -47,15 +49,21 @@ def voc_weights(tmp_path_factory) -> Path:
     """A random DeepLab VOC state dict: as encoder weights (``backbone.*``) and as the teacher."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "voc.pth"
-    torch.save(DeepLabV3VOC().state_dict(), path)
+    torch.save(file_layout(DeepLabV3VOC()), path)
     return path
+
+
+def file_layout(teacher: DeepLabV3VOC) -> dict[str, torch.Tensor]:
+    """The state dict as the converted file stores it: the head's convolutions at the top level."""
+    return {key.removeprefix("head."): value for key, value in teacher.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
 def trained(coco_root, voc_weights, tmp_path_factory) -> Path:
     save = tmp_path_factory.mktemp("save")
     code = train.main(["--data-dir", str(coco_root), "--mask-dir", str(coco_root / "masks"), "--save-dir", str(save),
-                       *ENCODER_RUN, "--encoder-weights", str(voc_weights), "--distill-from", str(voc_weights)])
+                       *ENCODER_RUN, "--encoder-weights", str(voc_weights), "--voc-head", str(voc_weights),
+                       "--distill-from", str(voc_weights)])
     assert code == 0
     return save
 
@@ -63,7 +71,8 @@ def trained(coco_root, voc_weights, tmp_path_factory) -> Path:
 def test_checkpoint_records_architecture_encoder_and_weight_source(trained, voc_weights):
     meta = load_checkpoint(trained / "model_final.pth")["meta"]
     assert meta["arch"] == "smp_unet"
-    assert meta["arch_args"] == {"num_classes": 91, "encoder": "mobilenet_v2", "encoder_output_stride": 16}
+    assert meta["arch_args"] == {"num_classes": 91, "encoder": "mobilenet_v2", "encoder_output_stride": 16,
+                                 "voc_head": True}
     assert meta["encoder_weights"] == {"source": "voc.pth",
                                        "sha256": hashlib.sha256(voc_weights.read_bytes()).hexdigest()}
 
@@ -96,6 +105,27 @@ def test_test_predict_and_service_load_it_by_metadata(trained, coco_root, tmp_pa
                                          content_type="multipart/form-data")
     assert response.status_code == 200, response.get_json()
     assert response.get_json()["model"]["architecture"] == "smp_unet"
+
+
+def test_voc_head_starts_the_model_at_deeplabs_answer(voc_weights):
+    model = build_model("smp_unet", num_classes=91, encoder="mobilenet_v2", encoder_output_stride=16, voc_head=True)
+    load_encoder_weights(model, str(voc_weights), "mobilenet_v2")
+    assert "20 classes" in load_voc_head(model, str(voc_weights), COCO_CLASSES)
+    with torch.no_grad():  # silence the U-Net's own (random) logits: what is left is the VOC head's
+        model.net.segmentation_head[0].weight.zero_()
+        model.net.segmentation_head[0].bias.zero_()
+        images = torch.randn(1, 3, 64, 96)
+        student = model.eval()(images)
+        teacher = load_voc_teacher(voc_weights)(images)
+    for voc_index, name in enumerate(VOC_CLASSES):
+        coco_index = COCO_CLASSES.index(VOC_TO_COCO_NAMES.get(name, name))
+        torch.testing.assert_close(student[:, coco_index], teacher[:, voc_index], atol=1e-4, rtol=1e-4)
+    assert student[:, COCO_CLASSES.index("truck")].abs().max() == 0
+
+
+def test_voc_head_needs_the_dilated_mobilenet():
+    with pytest.raises(ValueError, match="output stride 16"):
+        build_model("smp_unet", num_classes=3, encoder="mobilenet_v2", voc_head=True)
 
 
 # ---------------------------------------------------------------- distillation

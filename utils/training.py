@@ -19,6 +19,7 @@ from tqdm import tqdm
 from model import build_model, load_pretrained, main_logits, model_meta, never_predict
 from model.deeplab_voc import load_voc_teacher
 from model.encoder_weights import load_encoder_weights
+from model.smp_models import load_voc_head
 from utils import distributed
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.classes import VOC_CLASSES, never_labelled_ids
@@ -138,7 +139,8 @@ def arch_args(args: argparse.Namespace, num_classes: int) -> dict:
     if args.model == "unet":
         arguments.update(base_width=args.base_width, bilinear=not args.transposed)
     elif args.model.startswith("smp_"):
-        arguments.update(encoder=args.encoder, encoder_output_stride=args.encoder_output_stride)
+        arguments.update(encoder=args.encoder, encoder_output_stride=args.encoder_output_stride,
+                         voc_head=bool(args.voc_head))
     elif args.model.startswith("deeplabv3plus"):
         arguments.update(output_stride=args.output_stride)
     elif args.model.startswith(("deeplabv3_", "fcn_")):
@@ -192,7 +194,8 @@ def check_batch_size(args: argparse.Namespace) -> None:
                             "one image per batch: use --batch-size 2 or more")
 
 
-def build_pretrained_model(args: argparse.Namespace, arguments: dict) -> tuple[nn.Module, dict | None]:
+def build_pretrained_model(args: argparse.Namespace, arguments: dict,
+                           class_names: list[str]) -> tuple[nn.Module, dict | None]:
     """The model with any pretrained weights asked for; and where its encoder's weights came from."""
     encoder_source = None
     try:
@@ -203,6 +206,8 @@ def build_pretrained_model(args: argparse.Namespace, arguments: dict) -> tuple[n
             encoder_source = load_encoder_weights(model, args.encoder_weights, arguments.get("encoder", "")).as_meta()
             if not args.train_encoder_bn:
                 model.freeze_encoder_batchnorm()
+        if args.voc_head:
+            log.info("%s", load_voc_head(model, args.voc_head, class_names))
     except CheckpointError:
         raise
     except (ValueError, OSError, RuntimeError) as error:
@@ -211,15 +216,15 @@ def build_pretrained_model(args: argparse.Namespace, arguments: dict) -> tuple[n
 
 
 def parameter_groups(model: nn.Module, lr: float, encoder_lr_factor: float) -> list[dict]:
-    """The decoder and head at ``lr``, a pretrained-capable encoder at ``lr * encoder_lr_factor``
-    (pretrained features need small steps; the randomly initialised decoder needs large ones).
-    The decoder's group comes first: it is the one the log's ``lr`` column reports."""
-    encoder = getattr(model, "encoder", None)
-    if encoder is None:
+    """The decoder and head at ``lr``, the parts pretrained weights fill (the encoder, a VOC head)
+    at ``lr * encoder_lr_factor``: pretrained features need small steps, the randomly initialised
+    decoder large ones.  The decoder's group comes first: the log's ``lr`` column reports it."""
+    if not hasattr(model, "pretrained_parts"):
         return [{"params": list(model.parameters()), "lr": lr}]
-    encoder_ids = {id(p) for p in encoder.parameters()}
-    rest = [p for p in model.parameters() if id(p) not in encoder_ids]
-    return [{"params": rest, "lr": lr}, {"params": list(encoder.parameters()), "lr": lr * encoder_lr_factor}]
+    pretrained = [p for part in model.pretrained_parts() for p in part.parameters()]
+    pretrained_ids = {id(p) for p in pretrained}
+    rest = [p for p in model.parameters() if id(p) not in pretrained_ids]
+    return [{"params": rest, "lr": lr}, {"params": pretrained, "lr": lr * encoder_lr_factor}]
 
 
 def make_distillation(args: argparse.Namespace, class_names: list[str],
@@ -235,8 +240,9 @@ def make_distillation(args: argparse.Namespace, class_names: list[str],
 
 def check_options(args: argparse.Namespace) -> None:
     check_batch_size(args)
-    if (args.encoder_weights or args.freeze_encoder_epochs) and not args.model.startswith("smp_"):
-        raise TrainingError("--encoder-weights and --freeze-encoder-epochs need an encoder model (--model smp_...)")
+    if (args.encoder_weights or args.freeze_encoder_epochs or args.voc_head) and not args.model.startswith("smp_"):
+        raise TrainingError("--encoder-weights, --freeze-encoder-epochs and --voc-head need an encoder model "
+                            "(--model smp_...)")
 
 
 def set_encoder_trainable(model: nn.Module, trainable: bool) -> None:
@@ -254,7 +260,7 @@ def prepare(args: argparse.Namespace) -> Run:
     train_loader, val_loader, train_set = make_loaders(args, context)
     class_names = train_set.class_names
     arguments = arch_args(args, len(class_names))
-    bare_model, encoder_source = build_pretrained_model(args, arguments)
+    bare_model, encoder_source = build_pretrained_model(args, arguments, class_names)
     never_predict(bare_model, never_labelled_ids(class_names))
     bare_model = bare_model.to(context.device, memory_format=torch.channels_last)
     model = bare_model
