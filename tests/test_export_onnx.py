@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from model import build_model
+from model import NEVER_LOGIT, build_model, never_predict
 from model.export_onnx import export_onnx, largest_difference, onnxruntime_session, run_session
 from tests.tiny_checkpoint import make_checkpoint
 from tools import export_onnx as export_command
+from utils.classes import COCO_CLASSES, COCO_UNUSED_IDS, never_labelled_ids
 
 pytest.importorskip("onnxscript", reason="ONNX export needs onnx + onnxscript (requirements-dev.txt)")
 pytest.importorskip("onnxruntime", reason="the check runs the export in onnxruntime (requirements-dev.txt)")
@@ -55,3 +56,17 @@ def test_the_command_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     assert export_command.main(["--checkpoint", str(tmp_path / "absent.pth")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: checkpoint not found") and "\n" not in error
+
+
+def test_the_default_models_architecture_exports_with_its_masked_classes():
+    """SMP's U-Net with the VOC head, COCO's classes, the unused ids masked by a forward hook."""
+    torch.manual_seed(0)
+    model = build_model("smp_unet", num_classes=91, encoder="mobilenet_v2", encoder_output_stride=16, voc_head=True)
+    never_predict(model, never_labelled_ids(COCO_CLASSES))
+    session = onnxruntime_session(export_onnx(model.eval()), threads=1)
+    images = torch.randn(1, 3, 53, 75)
+    logits = run_session(session, images)
+    with torch.inference_mode():
+        expected = model(images)
+    np.testing.assert_allclose(logits.numpy(), expected.numpy(), atol=1e-3, rtol=1e-3)
+    assert (logits[:, list(COCO_UNUSED_IDS)] == NEVER_LOGIT).all()
