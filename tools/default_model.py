@@ -176,9 +176,20 @@ def main() -> int:
     report = json.loads((save_dir / "metrics.json").read_text())
     digest = export(best, out, report, args.setting, time.time() - started, (train_count, val_count))
     write_reference(out, args.shared)
-    print(f"exported {out} ({out.stat().st_size / 1e6:.1f} MB, sha256 {digest}); "
-          f"val pixel accuracy {report['pixel_accuracy']:.4f}, mIoU {report['miou']:.4f}")
+    print(f"exported {out} ({out.stat().st_size / 1e6:.1f} MB, sha256 {digest}); {headline(report)}")
     return 0
+
+
+GOOD_IOU = 0.3  # the model card counts the classes a model gets at least this right
+
+
+def headline(report: dict) -> str:
+    """The figures the model card compares settings by."""
+    names, iou = report["class_names"], report["iou"]
+    good = [f"{names[i]} {value:.2f}" for i, value in enumerate(iou) if i and value is not None and value >= GOOD_IOU]
+    return (f"val pixel accuracy {report['pixel_accuracy']:.4f}, mIoU {report['miou']:.4f} over "
+            f"{len(report['classes_counted'])} classes, person IoU {iou[1]:.3f}, {len(good)} classes besides "
+            f"background with IoU >= {GOOD_IOU}: {', '.join(good) or 'none'}")
 
 
 if __name__ == "__main__":
