@@ -139,8 +139,9 @@ def arch_args(args: argparse.Namespace, num_classes: int) -> dict:
     if args.model == "unet":
         arguments.update(base_width=args.base_width, bilinear=not args.transposed)
     elif args.model.startswith("smp_"):
-        arguments.update(encoder=args.encoder, encoder_output_stride=args.encoder_output_stride,
-                         voc_head=bool(args.voc_head))
+        arguments.update(encoder=args.encoder, encoder_output_stride=args.encoder_output_stride)
+        if args.voc_head:
+            arguments.update(voc_head=True)
     elif args.model.startswith("deeplabv3plus"):
         arguments.update(output_stride=args.output_stride)
     elif args.model.startswith(("deeplabv3_", "fcn_")):
