@@ -125,6 +125,20 @@ def test_test_draw_draws_and_times(trained, coco_root, tmp_path):
     assert "median" in (tmp_path / "compute_time.txt").read_text()
 
 
+def mark_saved_rows(save: Path, last_epoch: int) -> list[dict]:
+    """Stamp an impossible duration on the log rows up to ``last_epoch`` and return them: a
+    resumed run that trained those epochs again would rewrite them, and the stamp would go."""
+    rows = read_log(save)
+    for row in rows:
+        if int(row["epoch"]) <= last_epoch:
+            row["seconds"] = "9999.9"
+    with open(save / "log_train.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return [row for row in rows if int(row["epoch"]) <= last_epoch]
+
+
 def test_resume_after_kill_completes_the_run(coco_root, tmp_path):
     command = [sys.executable, "train.py", *data_args(coco_root, tmp_path), *TINY, "--epochs", "4"]
     # One thread: on a CPU shared with other jobs, two threads wait on each other at every small op.
@@ -138,13 +152,14 @@ def test_resume_after_kill_completes_the_run(coco_root, tmp_path):
     process.wait()
     saved_epoch = load_checkpoint(tmp_path / "last.pth")["epoch"]
     assert saved_epoch < 4
-    before = [row for row in read_log(tmp_path) if int(row["epoch"]) <= saved_epoch]
+    before = mark_saved_rows(tmp_path, saved_epoch)
     subprocess.run(command + ["--resume"], cwd=ROOT, check=True, capture_output=True, env=environment)
     last = load_checkpoint(tmp_path / "last.pth")
     assert last["epoch"] == 4
     rows = read_log(tmp_path)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     assert rows[:saved_epoch] == before  # epochs already saved are neither retrained nor relogged
+    assert all(row["seconds"] != "9999.9" for row in rows[saved_epoch:])
     load_checkpoint(tmp_path / "model_final.pth")
     # The schedule continues where it stopped: the same learning rates as a run never interrupted.
     threads = torch.get_num_threads()
