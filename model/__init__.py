@@ -39,8 +39,13 @@ def load_pretrained(model: nn.Module, path: str) -> str:
 
     Never downloads: pretrained weights reach us only as a file the user names.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for missing, corrupt or code-running files
+        raise CheckpointError(f"cannot load weights {path}: {error}") from error
     state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no tensors by name (neither a state dict nor a checkpoint)")
     own = model.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matching:

@@ -99,9 +99,10 @@ def test_per_class_alpha_must_cover_every_class():
 
 def test_half_precision_logits_give_a_float32_loss():
     logits, target = logits_and_target(seed=4)
-    loss = FocalLoss(gamma=2.0)(logits.half(), target)
+    loss = FocalLoss(alpha=0.9, gamma=2.0)(logits.half(), target)
     assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(FocalLoss(gamma=2.0)(logits.half().float(), target).item())
+    # The formula on the fp16-rounded logits: computed in float32, the loss loses nothing more.
+    assert loss.item() == pytest.approx(focal_by_hand(logits.half().float(), target, 0.9, 2.0), rel=1e-5)
 
 
 def test_build_loss_makes_focal_and_cross_entropy_ignoring_255():
@@ -127,6 +128,14 @@ def test_median_frequency_weights():
     # median of the seen counts (50, 100, 400, 1000) is 250
     assert weights[[0, 1, 18, 44]].tolist() == pytest.approx([0.25, 2.5, 0.625, 5.0])
     assert weights.count_nonzero().item() == 4
+
+
+def test_sqrt_median_frequency_weights_are_square_roots_of_median_frequency():
+    counts = [1600, 0, 400, 100, 25]  # median of the seen counts (25, 100, 400, 1600) is 250
+    weights = class_weights_from_counts(counts, mode="sqrt_median_frequency")
+    assert weights.dtype == torch.float32
+    assert weights.tolist() == pytest.approx([math.sqrt(250 / 1600), 0.0, math.sqrt(250 / 400),
+                                              math.sqrt(250 / 100), math.sqrt(250 / 25)])
 
 
 def test_inverse_frequency_weights_average_one_over_pixels():

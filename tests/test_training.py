@@ -125,20 +125,51 @@ def test_test_draw_draws_and_times(trained, coco_root, tmp_path):
     assert "median" in (tmp_path / "compute_time.txt").read_text()
 
 
+def mark_saved_rows(save: Path, last_epoch: int) -> list[dict]:
+    """Stamp an impossible duration on the log rows up to ``last_epoch`` and return them: a
+    resumed run that trained those epochs again would rewrite them, and the stamp would go."""
+    rows = read_log(save)
+    for row in rows:
+        if int(row["epoch"]) <= last_epoch:
+            row["seconds"] = "9999.9"
+    with open(save / "log_train.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return [row for row in rows if int(row["epoch"]) <= last_epoch]
+
+
 def test_resume_after_kill_completes_the_run(coco_root, tmp_path):
     command = [sys.executable, "train.py", *data_args(coco_root, tmp_path), *TINY, "--epochs", "4"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # One thread: on a CPU shared with other jobs, two threads wait on each other at every small op.
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=environment)
     deadline = time.monotonic() + 120
     while not (tmp_path / "last.pth").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert load_checkpoint(tmp_path / "last.pth")["epoch"] < 4
-    subprocess.run(command + ["--resume"], cwd=ROOT, check=True, capture_output=True)
+    saved_epoch = load_checkpoint(tmp_path / "last.pth")["epoch"]
+    assert saved_epoch < 4
+    before = mark_saved_rows(tmp_path, saved_epoch)
+    subprocess.run(command + ["--resume"], cwd=ROOT, check=True, capture_output=True, env=environment)
     last = load_checkpoint(tmp_path / "last.pth")
     assert last["epoch"] == 4
-    assert [int(r["epoch"]) for r in read_log(tmp_path)] == [1, 2, 3, 4]
+    rows = read_log(tmp_path)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert rows[:saved_epoch] == before  # epochs already saved are neither retrained nor relogged
+    assert all(row["seconds"] != "9999.9" for row in rows[saved_epoch:])
     load_checkpoint(tmp_path / "model_final.pth")
+    # The schedule continues where it stopped: the same learning rates as a run never interrupted.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train.main(data_args(coco_root, tmp_path / "whole") + TINY + ["--epochs", "4"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["lr"] for r in rows] == [r["lr"] for r in read_log(tmp_path / "whole")]
+    assert len({r["lr"] for r in rows}) == 4
 
 
 def test_resume_with_another_architecture_is_refused(trained, coco_root, tmp_path, capsys):
