@@ -13,7 +13,7 @@ from model.deeplabv3plus import DeepLabV3Plus
 from model.smp_models import smp_unet
 from model.torchvision_models import TORCHVISION_MODELS
 from model.unet import UNet
-from utils.checkpoint import CheckpointError
+from utils.checkpoint import CheckpointError, load_state_dict_file
 from utils.classes import IGNORE_INDEX, never_labelled_ids
 
 NEVER_LOGIT = -1e4  # exp(-1e4 - anything real) is 0, and fp16 still holds it
@@ -39,13 +39,7 @@ def load_pretrained(model: nn.Module, path: str) -> str:
 
     Never downloads: pretrained weights reach us only as a file the user names.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for missing, corrupt or code-running files
-        raise CheckpointError(f"cannot load weights {path}: {error}") from error
-    state = state.get("model", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds no tensors by name (neither a state dict nor a checkpoint)")
+    state = load_state_dict_file(path)
     own = model.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matching:

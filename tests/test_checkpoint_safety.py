@@ -113,6 +113,16 @@ def test_pretrained_weights_refuse_it(hostile, coco_root, tmp_path, capsys):
     assert not (tmp_path / "save" / "model_final.pth").exists()
 
 
+@pytest.mark.parametrize("option", ["--encoder-weights", "--voc-head", "--distill-from"])
+def test_encoder_head_and_teacher_weights_refuse_it(hostile, coco_root, tmp_path, capsys, option):
+    path, marker = hostile
+    encoder_model = ["--model", "smp_unet", "--encoder", "mobilenet_v2", "--encoder-output-stride", "16"]
+    assert train.main(train_args(coco_root, tmp_path / "save") + encoder_model + [option, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load weights" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------ files that are not ours
 
 
@@ -159,5 +169,5 @@ def test_a_missing_or_corrupt_file_is_refused(tmp_path):
 def test_pretrained_weights_that_are_no_state_dict_are_refused(tmp_path):
     path = tmp_path / "list.pth"
     torch.save([torch.ones(2)], path)
-    with pytest.raises(CheckpointError, match="holds no tensors by name"):
+    with pytest.raises(CheckpointError, match="holds no state dict of tensors"):
         load_pretrained(build_model("unet", num_classes=3, base_width=4), str(path))
