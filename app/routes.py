@@ -53,15 +53,16 @@ def segment_upload(keep_photo: bool = False) -> tuple[Segmentation, ResultFiles]
     image = decode_image(upload_bytes(request), current_app.config["MAX_PIXELS"])
     result = segmenter().segment(image)
     files = ResultFiles(Path(current_app.config["RESULTS_DIR"]))
-    files.save_jpeg("overlay", result.overlay)
+    files.save_jpeg("overlay", result.overlay)  # first: pruning dates a result by its overlay
     files.save_mask(result.class_map)
     if keep_photo:
         files.save_jpeg("photo", image)
     return result, files
 
 
-def result_url(files: ResultFiles, kind: str) -> str:
-    return url_for("main.result_file", name=files.name(kind), _external=True)
+def result_url(files: ResultFiles, kind: str, external: bool = True) -> str:
+    """Absolute for API clients; the page links relatively, right behind any proxy."""
+    return url_for("main.result_file", name=files.name(kind), _external=external)
 
 
 def api_answer(result: Segmentation, files: ResultFiles, options: ApiOptions) -> str:
@@ -101,10 +102,10 @@ def page_segment():
         return render_page(url_for("main.page"), 401, error="this service needs an API token; use POST /json")
     result, files = segment_upload(keep_photo=True)
     api_answer(result, files, ApiOptions())  # the page's JSON download: what POST /json would answer
-    return render_page(url_for("main.page"), result=result, image_url=result_url(files, "overlay"),
-                       photo_url=result_url(files, "photo"), mask_url=result_url(files, "mask"),
-                       json_url=result_url(files, "json"),
-                       legend=legend_rows(result.classes, len(segmenter().load().class_names)))
+    urls = {f"{name}_url": result_url(files, kind, external=False)
+            for name, kind in (("image", "overlay"), ("photo", "photo"), ("mask", "mask"), ("json", "json"))}
+    legend = legend_rows(result.classes, len(segmenter().load().class_names))
+    return render_page(url_for("main.page"), result=result, legend=legend, **urls)
 
 
 @blueprint.get("/json")

@@ -215,7 +215,7 @@ def test_browser_page_compares_highlights_names_and_downloads(served, chrome, tm
     names = {int(row.get_attribute("data-class-id")): row.find_element(By.CLASS_NAME, "name").text for row in rows}
     assert len(names) == 3 and names[2] == "<b>tag</b>"  # escaped by the server, shown as text
 
-    mask_url = driver.find_element(By.ID, "legend").get_attribute("data-mask-url")
+    mask_url = served + driver.find_element(By.ID, "legend").get_attribute("data-mask-url")
     class_ids = np.asarray(Image.open(io.BytesIO(requests.get(mask_url, timeout=30).content)))
     colours = {int(r.get_attribute("data-class-id")): hex_rgb(r.get_attribute("data-colour")) for r in rows}
     water, tag = interior_pixel(class_ids, 1), interior_pixel(class_ids, 2)
