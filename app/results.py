@@ -1,16 +1,28 @@
-"""Result images on disk: random unguessable names, atomic writes, bounded count and age."""
+"""Result files on disk: random unguessable names, atomic writes, bounded count and age.
+
+One result is a group of files that share a random id: ``<id>.jpg`` (the overlay), ``<id>.png``
+(the class ids), ``<id>.json`` (the API's answer) and, for the page, ``<id>.photo.jpg`` (the
+decoded photo, so the page can show it beside the result in any upload format).  They are
+kept and pruned together.
+"""
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
+from model.predictor import class_map_image
 from utils.fileio import atomic_path
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{22}\.jpg$")
+SUFFIXES = {"overlay": ".jpg", "photo": ".photo.jpg", "mask": ".png", "json": ".json"}
+NAME_PATTERN = re.compile(r"^([A-Za-z0-9_-]{22})(\.jpg|\.photo\.jpg|\.png|\.json)$")
+MEDIA_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".json": "application/json"}
 
 
 def is_result_name(name: str) -> bool:
@@ -18,25 +30,63 @@ def is_result_name(name: str) -> bool:
     return bool(NAME_PATTERN.fullmatch(name))
 
 
-def save_result(image: Image.Image, folder: Path) -> str:
-    """Write ``image`` as JPEG under a fresh random name (JPEG: ~1 ms, PNG ~80 ms)."""
-    name = secrets.token_urlsafe(16) + ".jpg"
-    with atomic_path(folder / name) as tmp:
-        image.save(tmp, format="JPEG", quality=88)
-    return name
+def media_type(name: str) -> str:
+    return MEDIA_TYPES[Path(name).suffix]
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    """The files of one result in ``folder``; each is written atomically (readers never see half a file)."""
+    folder: Path
+    id: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+
+    def name(self, kind: str) -> str:
+        return self.id + SUFFIXES[kind]
+
+    def path(self, kind: str) -> Path:
+        return self.folder / self.name(kind)
+
+    def save_jpeg(self, kind: str, image: Image.Image) -> None:
+        """JPEG: ~1 ms for a 640x480 photo, where PNG takes ~80 ms."""
+        with atomic_path(self.path(kind)) as tmp:
+            image.save(tmp, format="JPEG", quality=88)
+
+    def save_mask(self, class_map: np.ndarray) -> None:
+        # zlib level 1: class maps are long runs that compress well even so, at a third of level 6's time.
+        with atomic_path(self.path("mask")) as tmp:
+            class_map_image(class_map).save(tmp, format="PNG", compress_level=1)
+
+    def save_json(self, text: str) -> None:
+        with atomic_path(self.path("json")) as tmp:
+            tmp.write_text(text, encoding="utf-8")
 
 
 def prune_results(folder: Path, keep: int, max_age_s: int) -> int:
-    """Delete results beyond the newest ``keep`` or older than ``max_age_s``; returns how many."""
+    """Delete whole results beyond the newest ``keep`` or older than ``max_age_s``; returns how many.
+
+    A result is dated by its overlay, which is written first: one stat per result rather than per
+    file keeps this at ~2 ms for 500 results.  Files whose overlay is gone are what is left of a
+    result another worker is pruning, and go too.
+    """
+    names: dict[str, list[str]] = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = NAME_PATTERN.fullmatch(entry.name)
+            if match:
+                names.setdefault(match[1], []).append(entry.name)
+    written = {result: modified(folder / (result + SUFFIXES["overlay"])) for result in names}
     now = time.time()
-    files = []
-    for path in folder.glob("*.jpg"):
-        try:
-            files.append((path.stat().st_mtime, path))
-        except FileNotFoundError:  # another worker pruned it first
-            continue
-    files.sort(reverse=True)
-    doomed = [p for i, (mtime, p) in enumerate(files) if i >= keep or now - mtime > max_age_s]
-    for path in doomed:
-        path.unlink(missing_ok=True)
+    ranked = sorted(names, key=written.__getitem__, reverse=True)
+    doomed = [result for rank, result in enumerate(ranked) if rank >= keep or now - written[result] > max_age_s]
+    for result in doomed:
+        for name in names[result]:
+            (folder / name).unlink(missing_ok=True)
     return len(doomed)
+
+
+def modified(path: Path) -> float:
+    """Modification time, or 0 (the distant past) when the file is gone."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0

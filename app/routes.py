@@ -4,10 +4,24 @@ from __future__ import annotations
 import hmac
 from pathlib import Path
 
-from flask import Blueprint, Flask, abort, current_app, jsonify, render_template, request, send_from_directory, url_for
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    abort,
+    current_app,
+    jsonify,
+    render_template,
+    request,
+    send_file,
+    send_from_directory,
+    url_for,
+)
 from werkzeug.exceptions import HTTPException
 
-from app.results import is_result_name, prune_results, save_result
+from app.api_options import ApiOptions, parse_api_options
+from app.coco_rle import class_rles
+from app.results import ResultFiles, is_result_name, media_type, prune_results
 from app.segmenter import Segmentation, Segmenter
 from app.uploads import UploadError, decode_image, upload_bytes
 from utils.classes import palette
@@ -33,14 +47,39 @@ def token_ok() -> bool:
     return hmac.compare_digest(given.encode(), token.encode())
 
 
-def segment_upload() -> tuple[Segmentation, str]:
-    """Decode the request's image, segment it, store the overlay; returns (result, image name)."""
+def segment_upload(keep_photo: bool = False) -> tuple[Segmentation, ResultFiles]:
+    """Decode the request's image, segment it, store the overlay and the class ids (and the
+    photo when ``keep_photo``); returns the result and its files."""
     image = decode_image(upload_bytes(request), current_app.config["MAX_PIXELS"])
     result = segmenter().segment(image)
-    folder = Path(current_app.config["RESULTS_DIR"])
-    name = save_result(result.overlay, folder)
-    prune_results(folder, current_app.config["RESULTS_KEEP"], current_app.config["RESULTS_MAX_AGE_S"])
-    return result, name
+    files = ResultFiles(Path(current_app.config["RESULTS_DIR"]))
+    files.save_jpeg("overlay", result.overlay)  # first: pruning dates a result by its overlay
+    files.save_mask(result.class_map)
+    if keep_photo:
+        files.save_jpeg("photo", image)
+    return result, files
+
+
+def result_url(files: ResultFiles, kind: str, external: bool = True) -> str:
+    """Absolute for API clients; the page links relatively, right behind any proxy."""
+    return url_for("main.result_file", name=files.name(kind), _external=external)
+
+
+def api_answer(result: Segmentation, files: ResultFiles, options: ApiOptions) -> str:
+    """The API's JSON for ``result``, stored as the result's JSON file too; then old results are pruned."""
+    classes = [entry for entry in result.classes if entry["area_ratio"] >= options.min_area_ratio]
+    if options.rle:
+        rles = class_rles(result.class_map, [entry["id"] for entry in classes])
+        classes = [dict(entry, rle=rles[entry["id"]]) for entry in classes]
+    described = segmenter().describe()
+    text = current_app.json.dumps({
+        "classes": classes, "image_url": result_url(files, "overlay"), "mask_url": result_url(files, "mask"),
+        "json_url": result_url(files, "json"), "width": result.width, "height": result.height,
+        "inference_ms": result.inference_ms,
+        "model": {"architecture": described["architecture"], "checkpoint": described["checkpoint"]}})
+    files.save_json(text)
+    prune_results(files.folder, current_app.config["RESULTS_KEEP"], current_app.config["RESULTS_MAX_AGE_S"])
+    return text
 
 
 def legend_rows(classes: list[dict], num_classes: int) -> list[dict]:
@@ -61,9 +100,12 @@ def page():
 def page_segment():
     if not (current_app.config["PAGE_PUBLIC"] or token_ok()):
         return render_page(url_for("main.page"), 401, error="this service needs an API token; use POST /json")
-    result, name = segment_upload()
-    return render_page(url_for("main.page"), result=result, image_url=url_for("main.result_image", name=name),
-                       legend=legend_rows(result.classes, len(segmenter().load().class_names)))
+    result, files = segment_upload(keep_photo=True)
+    api_answer(result, files, ApiOptions())  # the page's JSON download: what POST /json would answer
+    urls = {f"{name}_url": result_url(files, kind, external=False)
+            for name, kind in (("image", "overlay"), ("photo", "photo"), ("mask", "mask"), ("json", "json"))}
+    legend = legend_rows(result.classes, len(segmenter().load().class_names))
+    return render_page(url_for("main.page"), result=result, legend=legend, **urls)
 
 
 @blueprint.get("/json")
@@ -76,19 +118,24 @@ def json_segment():
     if not token_ok():
         response = jsonify(error="missing or wrong API token (send 'Authorization: Bearer <token>')")
         return response, 401, {"WWW-Authenticate": "Bearer"}
-    result, name = segment_upload()
-    described = segmenter().describe()
-    return jsonify(classes=result.classes, image_url=url_for("main.result_image", name=name, _external=True),
-                   width=result.width, height=result.height, inference_ms=result.inference_ms,
-                   model={"architecture": described["architecture"], "checkpoint": described["checkpoint"]})
+    options = parse_api_options(request.args)  # before the upload is read: a bad query costs nothing
+    result, files = segment_upload()
+    return Response(api_answer(result, files, options), mimetype="application/json")
 
 
 @blueprint.get("/results/<name>")
-def result_image(name: str):
+def result_file(name: str):
     if not is_result_name(name):
         abort(404)
-    return send_from_directory(Path(current_app.config["RESULTS_DIR"]).resolve(), name, mimetype="image/jpeg",
-                               max_age=3600)
+    response = send_from_directory(Path(current_app.config["RESULTS_DIR"]).resolve(), name,
+                                   mimetype=media_type(name), max_age=3600)
+    response.headers["X-Content-Type-Options"] = "nosniff"  # a result is only ever what its name says
+    return response
+
+
+@blueprint.get("/openapi.json")
+def openapi():
+    return send_file(Path(__file__).with_name("openapi.json"), mimetype="application/json")
 
 
 @blueprint.get("/healthz")

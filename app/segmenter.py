@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from model.predictor import Predictor, render_overlay, summarize
@@ -14,6 +15,7 @@ from model.predictor import Predictor, render_overlay, summarize
 @dataclass
 class Segmentation:
     classes: list[dict]
+    class_map: np.ndarray  # H x W class ids at the image's size
     overlay: Image.Image
     width: int
     height: int
@@ -53,7 +55,7 @@ class Segmenter:
             prediction = predictor.predict(image)
         classes = summarize(prediction, predictor.class_names)
         overlay = render_overlay(image, prediction.class_map)
-        return Segmentation(classes, overlay, image.width, image.height,
+        return Segmentation(classes, prediction.class_map, overlay, image.width, image.height,
                             round((time.perf_counter() - started) * 1000, 1))
 
     def describe(self) -> dict:

@@ -1,22 +1,24 @@
 """Inference speed against the machine's limit: each execution mode side by side, and the
 service path stage by stage.
 
-    python bench/infer.py [--checkpoint FILE] [--width 640 --height 480] [--repeat 10]
+    python bench/infer.py [--checkpoint FILE] [--width 640 --height 480] [--repeat 10] [--service-only]
 
 Without --checkpoint: the full U-Net (base width 64, random init, 91 classes) on a 512x512
 photo, then save/default/model.pth on a 640x480 photo when it exists.  For each model: the
 FLOPs of one forward, the matmul peak (fp32 and bf16, a large torch.mm), the median forward
 time of each mode (fp32 eager NCHW, fp32 channels_last, bf16 channels_last, torch.compile,
 ONNX Runtime) as a ratio to the compute floor (FLOPs / bf16 peak) and to fp32 eager; then the
-service path (decode, preprocess, forward, argmax/confidence, upsample, summarize, overlay,
-JPEG encode) with the precision the service would choose.  Last line: ``ratio: X.XX``, the
-service path of the last model over its bf16 compute floor (goal <= 1.5).
+service path of ``POST /json?rle=1`` (decode, preprocess, forward, argmax/confidence, upsample,
+summarize, overlay, JPEG encode, class-id PNG encode, RLE encode, JSON encode) with the
+precision the service would choose.  Last line: ``ratio: X.XX``, the service path of the last
+model over its bf16 compute floor (goal <= 1.5).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib.util
+import json
 import statistics
 import tempfile
 import time
@@ -28,7 +30,8 @@ from benchlib import ROOT, background_load, cores, machine, median_ms, photo_jpe
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from app.results import save_result
+from app.coco_rle import class_rles
+from app.results import ResultFiles
 from app.uploads import decode_image
 from model import build_model, model_meta
 from model.predictor import (
@@ -47,6 +50,8 @@ from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
 DEFAULT_MODEL = ROOT / "save" / "default" / "model.pth"
 SERVICE_GOAL = 1.5  # service path median / bf16 compute floor
 OVERHEAD_GOAL = 0.15  # everything but the forward, as a fraction of the forward
+MASK_GOAL = 0.10  # class-id PNG and RLE together, as a fraction of the forward
+MASK_STAGES = ("mask PNG encode + write", "RLE encode")
 
 
 @dataclasses.dataclass
@@ -144,17 +149,31 @@ def service_stages(predictor: Predictor, jpeg: bytes, results: Path) -> list[tup
         state["prediction"] = Prediction(class_map, confidence, 0.0)
 
     def summary(state: dict) -> None:
-        summarize(state["prediction"], predictor.class_names)
+        state["classes"] = summarize(state["prediction"], predictor.class_names)
 
     def overlay(state: dict) -> None:
         state["overlay"] = render_overlay(state["image"], state["prediction"].class_map)
 
     def encode(state: dict) -> None:
-        (results / save_result(state["overlay"], results)).unlink()
+        state["files"] = ResultFiles(results)
+        state["files"].save_jpeg("overlay", state["overlay"])
+
+    def mask_png(state: dict) -> None:
+        state["files"].save_mask(state["prediction"].class_map)
+
+    def rle(state: dict) -> None:
+        state["rles"] = class_rles(state["prediction"].class_map, [entry["id"] for entry in state["classes"]])
+
+    def answer(state: dict) -> None:
+        classes = [dict(entry, rle=state["rles"][entry["id"]]) for entry in state["classes"]]
+        state["files"].save_json(json.dumps({"classes": classes}))
+        for path in results.iterdir():  # the next round writes its own
+            path.unlink()
 
     return [("decode JPEG", decode), ("preprocess/resize", preprocess), ("forward", forward),
             ("argmax/confidence", top), ("upsample", upsample), ("summarize", summary),
-            ("overlay", overlay), ("JPEG encode + write", encode)]
+            ("overlay", overlay), ("JPEG encode + write", encode), (MASK_STAGES[0], mask_png),
+            (MASK_STAGES[1], rle), ("JSON encode + write", answer)]
 
 
 @torch.inference_mode()
@@ -178,16 +197,9 @@ def time_service_path(predictor: Predictor, jpeg: bytes, repeat: int) -> tuple[d
     return {name: statistics.median(values[1:]) for name, values in samples.items()}, statistics.median(totals)
 
 
-def report_case(case: Case, repeat: int, peaks: dict[str, float], service_precision: str) -> float:
-    """Print one model's figures; returns its service path median over its bf16 compute floor."""
-    jpeg = photo_jpeg(case.width, case.height)
-    photo = decode_image(jpeg, 40_000_000)
-    modes = load_modes(case.checkpoint, photo)
-    flops = forward_flops(modes[1].predictor, modes[1].batch)
-    floor_ms = flops / peaks["bf16"] / 1e6
-    height, width = modes[1].batch.shape[-2:]
-    print(f"\n== {case.name}: {case.width}x{case.height} photo, network input {width}x{height} ==")
-    print(f"FLOPs per forward: {flops / 1e9:.1f} GFLOP; compute floor (FLOPs / bf16 peak): {floor_ms:.1f} ms")
+def report_modes(checkpoint: Path, photo: Image.Image, repeat: int, flops: int, floor_ms: float) -> None:
+    """Every execution mode's median forward against the compute floor and fp32 eager."""
+    modes = load_modes(checkpoint, photo)
     medians = time_modes(modes, repeat)
     eager = medians[modes[0].name]
     print(f"{'mode':<26}{'median ms':>10}{'x floor':>9}{'x fp32 eager':>14}{'GFLOP/s':>9}{'load s':>8}")
@@ -196,7 +208,21 @@ def report_case(case: Case, repeat: int, peaks: dict[str, float], service_precis
         print(f"{mode.name:<26}{ms:>10.1f}{ms / floor_ms:>9.2f}{ms / eager:>14.2f}{flops / ms / 1e6:>9.0f}"
               f"{mode.load_seconds:>8.1f}")
 
+
+def report_case(case: Case, repeat: int, peaks: dict[str, float], service_precision: str,
+                service_only: bool) -> float:
+    """Print one model's figures; returns its service path median over its bf16 compute floor."""
+    jpeg = photo_jpeg(case.width, case.height)
+    photo = decode_image(jpeg, 40_000_000)
     served = Predictor.from_checkpoint(case.checkpoint, device="cpu", precision=service_precision)
+    batch, _ = served.preprocess(photo)
+    flops = forward_flops(served, batch)
+    floor_ms = flops / peaks["bf16"] / 1e6
+    height, width = batch.shape[-2:]
+    print(f"\n== {case.name}: {case.width}x{case.height} photo, network input {width}x{height} ==")
+    print(f"FLOPs per forward: {flops / 1e9:.1f} GFLOP; compute floor (FLOPs / bf16 peak): {floor_ms:.1f} ms")
+    if not service_only:
+        report_modes(case.checkpoint, photo, repeat, flops, floor_ms)
     stages, total = time_service_path(served, jpeg, repeat)
     forward = stages["forward"]
     print(f"service path ({served.precision}, channels_last, {torch.get_num_threads()} threads), median ms:")
@@ -206,6 +232,8 @@ def report_case(case: Case, repeat: int, peaks: dict[str, float], service_precis
     overhead = sum(stages.values()) - forward
     print(f"  everything but the forward: {overhead:.1f} ms = {overhead / forward:.1%} of the forward "
           f"(goal <= {OVERHEAD_GOAL:.0%})")
+    mask = sum(stages[name] for name in MASK_STAGES)
+    print(f"  class-id PNG + RLE: {mask:.1f} ms = {mask / forward:.1%} of the forward (goal <= {MASK_GOAL:.0%})")
     print(f"  whole path end to end: {total:.1f} ms = {total / floor_ms:.2f}x the bf16 compute floor "
           f"(goal <= {SERVICE_GOAL})")
     return total / floor_ms
@@ -227,6 +255,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=480, help="photo height with --checkpoint")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs of each mode (medians reported)")
     parser.add_argument("--threads", type=int, default=cores(), help="torch threads (default: all cores)")
+    parser.add_argument("--service-only", action="store_true",
+                        help="only the service path, not the comparison of execution modes (minutes less)")
     parser.add_argument("--service-precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="the service path's precision (auto: as the service decides)")
     args = parser.parse_args()
@@ -236,7 +266,8 @@ def main() -> None:
     print(f"matmul peak (4096x4096 torch.mm, {args.threads} threads): fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s")
     with tempfile.TemporaryDirectory() as folder:
-        ratios = [report_case(case, args.repeat, peaks, args.service_precision) for case in cases(args, Path(folder))]
+        ratios = [report_case(case, args.repeat, peaks, args.service_precision, args.service_only)
+                  for case in cases(args, Path(folder))]
     print(f"ratio: {ratios[-1]:.2f}")
 
 

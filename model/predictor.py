@@ -263,10 +263,17 @@ def render_overlay(image: Image.Image, class_map: np.ndarray, alpha: float = 0.5
 
 def colour_image(class_map: np.ndarray) -> Image.Image:
     """The RGB image of each pixel's palette colour."""
-    colours = palette(int(class_map.max()) + 1)
     if class_map.dtype != np.uint8:
-        return Image.fromarray(colours[class_map])
+        return Image.fromarray(palette(int(class_map.max()) + 1)[class_map])
     # A palette image is expanded to RGB in C, about 3x faster than indexing the table in numpy.
+    return class_map_image(class_map).convert("RGB")
+
+
+def class_map_image(class_map: np.ndarray) -> Image.Image:
+    """The class ids as an image whose pixel values are the ids: a palette image carrying the
+    class colours for uint8 maps (so viewers show colours), 16-bit grayscale for wider ones."""
+    if class_map.dtype != np.uint8:
+        return Image.fromarray(class_map.astype(np.uint16))
     indexed = Image.fromarray(class_map)
-    indexed.putpalette(colours.tobytes())
-    return indexed.convert("RGB")
+    indexed.putpalette(palette(int(class_map.max()) + 1).tobytes())
+    return indexed

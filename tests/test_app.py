@@ -1,8 +1,11 @@
-"""The Flask service through its test client: routes, bad input, token, traversal, retention."""
+"""The Flask service through its test client: routes, the class-id PNG and RLE, bad input, token,
+traversal, retention, and every response against the OpenAPI document."""
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import struct
 import time
 import zlib
@@ -12,15 +15,23 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from flask import render_template
+from jsonschema import Draft202012Validator, ValidationError
+from openapi_spec_validator import validate as validate_openapi_document
 from PIL import Image
+from pycocotools import mask as coco_mask
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
 
 from app import create_app
+from app.results import ResultFiles
+from app.uploads import decode_image
 from tests.tiny_checkpoint import CLASS_NAMES, make_checkpoint
+from utils.classes import palette
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", varied=True)
 
 
 @pytest.fixture()
@@ -80,6 +91,116 @@ def test_raw_body_upload(client):
     assert response.status_code == 200 and response.get_json()["width"] == 90
 
 
+def local(url: str) -> str:
+    return url.replace("http://localhost", "")
+
+
+def segment(client, data: bytes, query: str = "") -> dict:
+    response = post_file(client, data, url="/json" + query)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def predicted_class_map(client, data: bytes) -> np.ndarray:
+    """What the predictor itself makes of ``data``, decoded as the service decodes it."""
+    return client.application.extensions["segmenter"].load().predict(decode_image(data, 10**8)).class_map
+
+
+def test_mask_png_is_the_predictors_class_map_with_the_palette(client):
+    data = encoded(photo(90, 70))
+    body = segment(client, data)
+    response = client.get(local(body["mask_url"]))
+    assert response.status_code == 200 and response.mimetype == "image/png"
+    png = Image.open(io.BytesIO(response.data))
+    assert png.mode == "P" and png.size == (90, 70)
+    class_ids = np.asarray(png)
+    np.testing.assert_array_equal(class_ids, predicted_class_map(client, data))
+    used = int(class_ids.max()) + 1
+    assert png.getpalette()[:3 * used] == palette(used).ravel().tolist()
+    areas = np.bincount(class_ids.ravel())
+    assert len(body["classes"]) == 3  # the varied tiny model finds every class in noise
+    assert {c["id"]: c["area"] for c in body["classes"]} == {i: int(a) for i, a in enumerate(areas) if a}
+
+
+def test_wide_class_maps_are_stored_as_16_bit_ids(tmp_path):
+    class_map = np.array([[0, 300], [65535, 7]], dtype=np.int32)  # models of more than 256 classes
+    files = ResultFiles(tmp_path)
+    files.save_mask(class_map)
+    np.testing.assert_array_equal(np.asarray(Image.open(files.path("mask"))), class_map)
+
+
+def test_rle_decodes_to_exactly_each_class_of_the_png(client):
+    data = encoded(photo(90, 70))
+    assert all("rle" not in entry for entry in segment(client, data)["classes"])
+    body = segment(client, data, "?rle=1")
+    class_ids = np.asarray(Image.open(io.BytesIO(client.get(local(body["mask_url"])).data)))
+    assert {entry["id"] for entry in body["classes"]} == set(np.unique(class_ids).tolist())
+    for entry in body["classes"]:
+        assert entry["rle"]["size"] == [70, 90] and isinstance(entry["rle"]["counts"], str)
+        np.testing.assert_array_equal(coco_mask.decode(entry["rle"]), (class_ids == entry["id"]).astype(np.uint8))
+
+
+def test_min_area_ratio_leaves_out_smaller_classes_and_keeps_full_map_areas(client):
+    data = encoded(photo(90, 70))
+    everything = segment(client, data)["classes"]
+    ratios = sorted(entry["area_ratio"] for entry in everything)
+    assert len(set(ratios)) == 3
+    threshold = (ratios[0] + ratios[1]) / 2
+    filtered = segment(client, data, f"?min_area_ratio={threshold}&rle=1")["classes"]
+    assert [{k: v for k, v in entry.items() if k != "rle"} for entry in filtered] == everything[:2]
+    assert segment(client, data, f"?min_area_ratio={ratios[1]}")["classes"] == everything[:2]  # at the share: kept
+    assert segment(client, data, "?min_area_ratio=1")["classes"] == []
+    assert segment(client, data, "?min_area_ratio=0")["classes"] == everything
+
+
+@pytest.mark.parametrize("query,message", [
+    ("min_area_ratio=abc", "min_area_ratio must be a number from 0 to 1, not 'abc'"),
+    ("min_area_ratio=-0.1", "min_area_ratio must be a number"),
+    ("min_area_ratio=1.5", "min_area_ratio must be a number"),
+    ("min_area_ratio=nan", "min_area_ratio must be a number"),
+    ("min_area_ratio=", "min_area_ratio must be a number"),
+    ("rle=2", "rle must be 0 or 1, not '2'"),
+    ("rle=true", "rle must be 0 or 1"),
+], ids=["text", "negative", "above-1", "nan", "empty", "rle-2", "rle-true"])
+def test_bad_query_values_are_400s_before_the_upload_is_read(client, tmp_path, query, message):
+    response = client.post("/json?" + query, data=b"not even an image", content_type="application/octet-stream")
+    assert response.status_code == 400 and message in response.get_json()["error"]
+    assert not list((tmp_path / "results").iterdir())
+
+
+def test_results_serve_each_kind_with_its_type(client):
+    response = post_file(client, encoded(photo(90, 70)), url="/json?rle=1")
+    body = response.get_json()
+    kinds = {"image_url": "image/jpeg", "mask_url": "image/png", "json_url": "application/json"}
+    ids = set()
+    for key, mimetype in kinds.items():
+        served = client.get(local(body[key]))
+        assert served.status_code == 200 and served.mimetype == mimetype
+        assert served.headers["X-Content-Type-Options"] == "nosniff"
+        ids.add(body[key].rsplit("/", 1)[1].split(".")[0])
+    assert len(ids) == 1  # one result, one random id
+    assert client.get(local(body["json_url"])).data == response.data  # the stored answer is the answer
+
+
+def test_page_keeps_the_photo_and_links_every_download(client):
+    data = encoded(photo(90, 70))
+    html = post_file(client, data, url="/").data.decode()
+    links = {name: re.search(rf'id="{name}" href="([^"]+)"', html)[1]
+             for name in ("download-overlay", "download-mask", "download-json")}
+    photo_url = re.search(r'id="photo" src="([^"]+)"', html)[1]
+    stored = Image.open(io.BytesIO(client.get(local(photo_url)).data))
+    assert stored.format == "JPEG" and stored.size == (90, 70)
+    assert client.get(local(links["download-overlay"])).mimetype == "image/jpeg"
+    class_ids = np.asarray(Image.open(io.BytesIO(client.get(local(links["download-mask"])).data)))
+    np.testing.assert_array_equal(class_ids, predicted_class_map(client, data))
+    answer = client.get(local(links["download-json"])).get_json()
+    assert links["download-mask"].startswith("/results/")  # relative: right behind any proxy
+    assert answer["mask_url"] == "http://localhost" + links["download-mask"] and len(answer["classes"]) == 3
+    rows = re.findall(r'<tr data-class-id="(\d+)" data-colour="(#[0-9a-f]{6})">', html)
+    colours = palette(len(CLASS_NAMES))
+    assert [(int(i), c) for i, c in rows] == [(e["id"], "#" + bytes(colours[e["id"]]).hex()) for e in answer["classes"]]
+
+
 def test_page_shows_result_and_escapes_class_names(client):
     assert b'type="file"' in client.get("/").data
     assert b'action="/json"' in client.get("/json").data
@@ -91,10 +212,11 @@ def test_page_shows_result_and_escapes_class_names(client):
 
 def test_legend_escapes_class_names(client):
     # Rendered directly: the tiny model need not predict the class whose name is markup.
-    row = {"colour": "#ff0000", "name": "<b>tag</b>", "area_ratio": 0.5, "mean_confidence": 0.9}
+    row = {"id": 2, "colour": "#ff0000", "name": "<b>tag</b>", "area_ratio": 0.5, "mean_confidence": 0.9}
     result = SimpleNamespace(width=4, height=3, inference_ms=1.0)
+    urls = {f"{kind}_url": f"/results/x.{kind}" for kind in ("image", "photo", "mask", "json")}
     with client.application.test_request_context("/"):
-        html = render_template("index.html", action="/", result=result, image_url="/results/x.jpg", legend=[row])
+        html = render_template("index.html", action="/", result=result, legend=[row], **urls)
     assert "&lt;b&gt;tag&lt;/b&gt;" in html and "<b>tag</b>" not in html
 
 
@@ -197,17 +319,24 @@ def test_results_never_serve_anything_else(client, tmp_path, path):
     assert client.get(path).status_code == 404
 
 
-def test_retention_keeps_count_and_age(make_client, tmp_path):
+def test_retention_keeps_count_and_age_of_whole_results(make_client, tmp_path):
     client = make_client(RESULTS_KEEP=3)
     folder = tmp_path / "results"
-    old = folder / "oldoldoldoldoldoldoldo.jpg"
-    for _ in range(5):
+    for _ in range(4):
         assert post_file(client, encoded(photo())).status_code == 200
-    assert len(list(folder.glob("*.jpg"))) == 3
-    old.write_bytes(b"x")
-    os.utime(old, (time.time() - 10 * 24 * 3600,) * 2)
+    assert post_file(client, encoded(photo()), url="/").status_code == 200  # the page also keeps the photo
+    assert sorted(path.name[22:] for path in folder.iterdir()) == sorted([".jpg", ".png", ".json"] * 3 + [".photo.jpg"])
+    old = [folder / ("oldoldoldoldoldoldoldo" + suffix) for suffix in (".jpg", ".photo.jpg", ".png", ".json")]
+    for path in old:
+        path.write_bytes(b"x")
+        os.utime(path, (time.time() - 10 * 24 * 3600,) * 2)
+    other = folder / "notes.txt"  # not a result name: never touched
+    other.write_text("x")
+    orphan = folder / "orphanorphanorphanorph.png"  # its overlay already pruned: recent, but goes too
+    orphan.write_bytes(b"x")
     post_file(client, encoded(photo()))
-    assert not old.exists() and len(list(folder.glob("*.jpg"))) == 3
+    assert not any(path.exists() for path in old + [orphan]) and other.exists()
+    assert len(list(folder.glob("*.png"))) == len(list(folder.glob("*.json"))) == 3
     assert not list(folder.glob(".*.tmp"))
 
 
@@ -241,3 +370,82 @@ def test_a_binary_flood_checkpoint_is_served_with_its_own_class_names(tmp_path):
     body = post_file(client, encoded(photo(80, 60))).get_json()
     assert {c["name"] for c in body["classes"]} <= {"background", "flood"} and body["classes"]
     assert client.get("/api/model").get_json()["classes"] == ["background", "flood"]
+
+
+OPENAPI_URI = "urn:openapi"
+
+
+def strict(node: object) -> object:
+    """The OpenAPI document for checking: references made absolute (so any part can be a schema of
+    its own) and every described object closed, so that an undocumented field fails the check."""
+    if isinstance(node, list):
+        return [strict(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    copied = {key: strict(value) for key, value in node.items()}
+    if isinstance(copied.get("$ref"), str) and copied["$ref"].startswith("#"):
+        copied["$ref"] = OPENAPI_URI + copied["$ref"]
+    if isinstance(copied.get("properties"), dict) and copied.get("type") == "object":
+        copied.setdefault("additionalProperties", False)
+    return copied
+
+
+def described_response(document: dict, path: str, method: str, status: int) -> dict:
+    described = document["paths"][path][method]["responses"][str(status)]  # KeyError: status undocumented
+    if "$ref" in described:
+        described = document["components"]["responses"][described["$ref"].rsplit("/", 1)[1]]
+    return described
+
+
+def check_against_openapi(document: dict, path: str, method: str, response) -> None:
+    """``response`` has a status and media type the document gives for ``method path``, and its
+    JSON body fits the schema given for them."""
+    content = described_response(document, path, method, response.status_code)["content"]
+    assert response.mimetype in content, f"{method} {path} {response.status_code}: {response.mimetype}"
+    if response.mimetype == "application/json":
+        checked = strict(document)
+        registry = Registry().with_resource(OPENAPI_URI, DRAFT202012.create_resource(checked))
+        schema = strict(content["application/json"]["schema"])
+        Draft202012Validator(schema, registry=registry).validate(response.get_json())
+
+
+def test_responses_match_the_openapi_document(make_client, monkeypatch):
+    client = make_client(API_TOKEN="s3cret", MAX_CONTENT_LENGTH=5000)
+    document = client.get("/openapi.json").get_json()
+    validate_openapi_document(document)
+    token = {"Authorization": "Bearer s3cret"}
+    small = encoded(photo(40, 30))
+    exchanges = [("/readyz", "get", client.get("/readyz"))]  # 503: not loaded yet
+    for query in ("", "?rle=1", "?min_area_ratio=0.2&rle=1"):
+        exchanges.append(("/json", "post", post_file(client, small, url="/json" + query, headers=token)))
+    body = exchanges[-1][2].get_json()
+    assert body["classes"] and all("rle" in entry for entry in body["classes"])
+    exchanges += [("/results/{name}", "get", client.get(local(body[key])))
+                  for key in ("image_url", "mask_url", "json_url")]
+    exchanges += [
+        ("/results/{name}", "get", client.get("/results/AAAAAAAAAAAAAAAAAAAAAA.png")),
+        ("/json", "post", client.post("/json?rle=2", data=small, headers=token)),
+        ("/json", "post", post_file(client, b"text", headers=token)),
+        ("/json", "post", post_file(client, small)),
+        ("/json", "post", post_file(client, encoded(photo(200, 200), "PNG"), headers=token)),
+        ("/healthz", "get", client.get("/healthz")),
+        ("/readyz", "get", client.get("/readyz")),
+        ("/api/model", "get", client.get("/api/model")),
+        ("/openapi.json", "get", client.get("/openapi.json")),
+    ]
+    monkeypatch.setattr(client.application.extensions["segmenter"], "segment", lambda image: 1 / 0)
+    exchanges.append(("/json", "post", post_file(client, small, headers=token)))
+    statuses = {(path, method, response.status_code) for path, method, response in exchanges}
+    assert {s for _, _, s in statuses} == {200, 400, 401, 404, 413, 500, 503}
+    for path, method, response in exchanges:
+        check_against_openapi(document, path, method, response)
+    described = {(path, method) for path, item in document["paths"].items() for method in item}
+    assert described == {(path, method) for path, method, _ in statuses}  # every operation exercised
+
+
+def test_the_openapi_check_catches_undocumented_fields(client):
+    document = client.get("/openapi.json").get_json()
+    response = post_file(client, encoded(photo(40, 30)))
+    response.set_data(json.dumps(dict(response.get_json(), extra=1)))
+    with pytest.raises(ValidationError, match="extra"):
+        check_against_openapi(document, "/json", "post", response)
