@@ -32,7 +32,7 @@ def test_the_page_answers_an_internal_error_with_a_short_500_page(client, monkey
         response = post_file(client, encoded(photo()), url="/")
     assert response.status_code == 500 and response.mimetype == "text/html"
     html = response.data.decode()
-    assert f'<p class="error" id="error">{MESSAGE}</p>' in html
+    assert f'<p class="error" id="error" role="alert">{MESSAGE}</p>' in html
     assert 'action="/"' in html and 'type="file"' in html  # the form, to try again
     assert "ZeroDivisionError" not in html and "Traceback" not in html and 'id="result-image"' not in html
     assert "ZeroDivisionError" in caplog.text  # the cause is logged for the operator
