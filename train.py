@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="a torchvision classifier or segmentation state dict (key rule: "
                               "model/encoder_weights.py), or 'imagenet' to download torchvision's (online only)")
     encoder.add_argument("--encoder-lr-factor", type=float, default=0.1,
-                         help="encoder learning rate = --lr x this (default: 0.1)")
+                         help="with --encoder-weights, encoder learning rate = --lr x this (default: 0.1)")
     encoder.add_argument("--freeze-encoder-epochs", type=int, default=0,
                          help="train only the decoder for this many epochs first (default: 0)")
     encoder.add_argument("--train-encoder-bn", action="store_true",

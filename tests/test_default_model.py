@@ -81,5 +81,5 @@ def test_finds_most_of_the_annotated_people_in_real_photos(file_name):
     predicted = Predictor.from_checkpoint(DEFAULT_CHECKPOINT, precision="fp32").predict(
         Image.open(image_path)).class_map == 1
     assert truth.sum() > 1000
-    assert (predicted & truth).sum() / truth.sum() > 0.6  # most person pixels are called person
-    assert (predicted & truth).sum() / predicted.sum() > 0.6  # and most of what is called person is one
+    assert (predicted & truth).sum() / truth.sum() > 0.5  # most person pixels are called person
+    assert (predicted & truth).sum() / predicted.sum() > 0.5  # and most of what is called person is one

@@ -271,7 +271,9 @@ def prepare(args: argparse.Namespace) -> Run:
             bare_model = model
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(parameter_groups(bare_model, args.lr, args.encoder_lr_factor))
+    # A randomly initialised encoder has nothing to preserve: it learns at the decoder's rate.
+    encoder_lr_factor = args.encoder_lr_factor if args.encoder_weights else 1.0
+    optimizer = torch.optim.Adam(parameter_groups(bare_model, args.lr, encoder_lr_factor))
     steps = args.epochs * min(len(train_loader), args.max_steps or len(train_loader))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     input_size = args.input_size or args.crop_size
