@@ -136,7 +136,8 @@ def arch_args(args: argparse.Namespace, num_classes: int) -> dict:
     """The constructor arguments of ``args.model`` (what the checkpoint records to rebuild it)."""
     arguments = {"num_classes": num_classes}
     if args.model == "unet":
-        arguments.update(base_width=args.base_width, bilinear=not args.transposed)
+        arguments.update(base_width=args.base_width, bilinear=not args.transposed, padding_mode=args.padding_mode,
+                         dropout=args.dropout, activation=args.activation)
     elif args.model.startswith("smp_"):
         arguments.update(encoder=args.encoder, encoder_output_stride=args.encoder_output_stride)
     elif args.model.startswith("deeplabv3plus"):
