@@ -138,8 +138,12 @@ def arch_args(args: argparse.Namespace, num_classes: int) -> dict:
     if args.model == "unet":
         arguments.update(base_width=args.base_width, bilinear=not args.transposed, padding_mode=args.padding_mode,
                          dropout=args.dropout, activation=args.activation)
-    elif args.model.startswith("smp_"):
+    elif args.model == "segnet":
+        arguments.update(base_width=args.base_width)
+    elif args.model == "smp_unet":
         arguments.update(encoder=args.encoder, encoder_output_stride=args.encoder_output_stride)
+    elif args.model.startswith("smp_"):
+        arguments.update(encoder=args.encoder)
     elif args.model.startswith("deeplabv3plus"):
         arguments.update(output_stride=args.output_stride)
     elif args.model.startswith(("deeplabv3_", "fcn_")):
@@ -188,9 +192,10 @@ def read_class_counts(path: str, num_classes: int) -> list[int]:
 
 
 def check_batch_size(args: argparse.Namespace) -> None:
-    if args.model.startswith("deeplabv3_") and args.batch_size < 2:
-        raise TrainingError("torchvision's DeepLabV3 has BatchNorm after global pooling, which cannot train on "
-                            "one image per batch: use --batch-size 2 or more")
+    if args.model.startswith("deeplabv3_") or args.model == "deeplabv3plus_xception":
+        if args.batch_size < 2:
+            raise TrainingError(f"{args.model} has BatchNorm after global pooling, which cannot train on "
+                                "one image per batch: use --batch-size 2 or more")
 
 
 def build_pretrained_model(args: argparse.Namespace, arguments: dict) -> tuple[nn.Module, dict | None]:
@@ -238,6 +243,8 @@ def check_options(args: argparse.Namespace) -> None:
     check_batch_size(args)
     if (args.encoder_weights or args.freeze_encoder_epochs) and not args.model.startswith("smp_"):
         raise TrainingError("--encoder-weights and --freeze-encoder-epochs need an encoder model (--model smp_...)")
+    if args.encoder_output_stride != 32 and args.model != "smp_unet":
+        raise TrainingError("--encoder-output-stride 16 is offered for --model smp_unet only")
 
 
 def set_encoder_trainable(model: nn.Module, trainable: bool) -> None:
