@@ -14,6 +14,7 @@ import sys
 import config
 from model.smp_models import ENCODERS
 from model.unet_parts import ACTIVATIONS, PADDING_MODES
+from utils.augment import PRESETS
 from utils.checkpoint import CheckpointError
 from utils.cli import fail, setup_logging
 from utils.datasets import DatasetError, add_dataset_arguments
@@ -27,6 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_dataset_arguments(parser)
     config.add_arguments(parser, "save_dir", "model", "base_width", "crop_size", "lr", "loss", "focal_alpha",
                          "focal_gamma", "epochs", "batch_size", "workers", "seed", "val_every")
+    parser.add_argument("--augment", choices=PRESETS, default="basic",
+                        help="training augmentation preset (utils/augment.py): basic = scale, flip, crop; "
+                             "photometric adds colour, blur/noise, JPEG; weather adds fog, sun flare, rain or "
+                             "shadow; strong adds rotation/shift/scale and grid distortion (default: basic)")
     parser.add_argument("--input-size", type=int, default=None,
                         help="long side the predictor resizes images to (default: the crop size); a fully "
                              "convolutional model trained on crops of full-size images is best served near that size")

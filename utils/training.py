@@ -20,6 +20,7 @@ from model import build_model, load_pretrained, main_logits, model_meta, never_p
 from model.deeplab_voc import load_voc_teacher
 from model.encoder_weights import load_encoder_weights
 from utils import distributed
+from utils.augment import train_transform
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.classes import VOC_CLASSES, never_labelled_ids
 from utils.datasets import PairedDataset, build_dataset
@@ -29,7 +30,7 @@ from utils.losses import build_loss, class_weights_from_counts
 from utils.metrics import ConfusionMatrix
 from utils.plots import plot_training_curves
 from utils.precision import autocast
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
 log = logging.getLogger("train")
 
@@ -153,7 +154,7 @@ def arch_args(args: argparse.Namespace, num_classes: int) -> dict:
 
 def make_loaders(args: argparse.Namespace, context: distributed.Context
                  ) -> tuple[DataLoader, DataLoader, PairedDataset]:
-    train_set = build_dataset(args, "train", TrainTransform(crop_size=args.crop_size))
+    train_set = build_dataset(args, "train", train_transform(args.augment, args.crop_size))
     val_set = build_dataset(args, "val", EvalTransform())
     train_sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if context.distributed else None
     pin = context.device.type == "cuda"
