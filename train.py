@@ -13,6 +13,8 @@ import sys
 
 import config
 from model.smp_models import ENCODERS
+from model.unet_parts import ACTIVATIONS, PADDING_MODES
+from utils.augment import PRESETS
 from utils.checkpoint import CheckpointError
 from utils.cli import fail, setup_logging
 from utils.datasets import DatasetError, add_dataset_arguments
@@ -26,10 +28,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_dataset_arguments(parser)
     config.add_arguments(parser, "save_dir", "model", "base_width", "crop_size", "lr", "loss", "focal_alpha",
                          "focal_gamma", "epochs", "batch_size", "workers", "seed", "val_every")
+    parser.add_argument("--augment", choices=PRESETS, default="basic",
+                        help="training augmentation preset (utils/augment.py): basic = scale, flip, crop; "
+                             "photometric adds colour, blur/noise, JPEG; weather adds fog, sun flare, rain or "
+                             "shadow; strong adds rotation/shift/scale and grid distortion (default: basic)")
     parser.add_argument("--input-size", type=int, default=None,
                         help="long side the predictor resizes images to (default: the crop size); a fully "
                              "convolutional model trained on crops of full-size images is best served near that size")
-    parser.add_argument("--transposed", action="store_true", help="U-Net: transposed convolutions, not bilinear")
+    unet = parser.add_argument_group("classic U-Net (--model unet)")
+    unet.add_argument("--transposed", action="store_true", help="transposed convolutions, not bilinear")
+    unet.add_argument("--padding-mode", choices=PADDING_MODES, default="zeros",
+                      help="border of every 3x3 convolution: zeros, or reflect (mirrors the image)")
+    unet.add_argument("--dropout", type=float, default=0.0, help="drop probability at the bottleneck (default: 0)")
+    unet.add_argument("--activation", choices=tuple(ACTIVATIONS), default="relu",
+                      help="relu, or leaky_relu (slope 0.01)")
     parser.add_argument("--output-stride", type=int, choices=(8, 16), default=16, help="DeepLabV3+: 8 or 16")
     parser.add_argument("--aux-loss", action="store_true",
                         help="torchvision DeepLabV3/FCN: add the auxiliary head (its loss counts half)")

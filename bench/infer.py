@@ -2,6 +2,7 @@
 service path stage by stage.
 
     python bench/infer.py [--checkpoint FILE] [--width 640 --height 480] [--repeat 10] [--service-only]
+    python bench/infer.py --architectures segnet smp_fpn ... [--size 512] [--repeat 5]
 
 Without --checkpoint: the full U-Net (base width 64, random init, 91 classes) on a 512x512
 photo, then save/default/model.pth on a 640x480 photo when it exists.  For each model: the
@@ -12,6 +13,9 @@ service path of ``POST /json?rle=1`` (decode, preprocess, forward, argmax/confid
 summarize, overlay, JPEG encode, class-id PNG encode, RLE encode, JSON encode) with the
 precision the service would choose.  Last line: ``ratio: X.XX``, the service path of the last
 model over its bf16 compute floor (goal <= 1.5).
+
+With --architectures: only each named registry model (default arguments, 91 classes, random
+init) with its parameter count and the median fp32 channels_last forward of one size x size image.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from app.coco_rle import class_rles
 from app.results import ResultFiles
 from app.uploads import decode_image
-from model import build_model, model_meta
+from model import MODELS, build_model, model_meta
 from model.predictor import (
     Prediction,
     Predictor,
@@ -239,6 +243,18 @@ def report_case(case: Case, repeat: int, peaks: dict[str, float], service_precis
     return total / floor_ms
 
 
+@torch.inference_mode()
+def report_architectures(names: list[str], size: int, repeat: int) -> None:
+    """Parameters and median fp32 channels_last forward ms of each registry model at its defaults."""
+    print(f"{'model':<28}{'parameters':>14}{f'forward ms at {size}x{size}':>24}")
+    images = torch.randn(1, 3, size, size).contiguous(memory_format=torch.channels_last)
+    for name in names:
+        torch.manual_seed(0)
+        model = build_model(name, num_classes=len(COCO_CLASSES)).eval().to(memory_format=torch.channels_last)
+        parameters = sum(p.numel() for p in model.parameters())
+        print(f"{name:<28}{parameters:>14,}{median_ms(lambda m=model: m(images), repeat):>24.0f}")
+
+
 def cases(args: argparse.Namespace, folder: Path) -> list[Case]:
     if args.checkpoint:
         return [Case(Path(args.checkpoint).name, Path(args.checkpoint), args.width, args.height)]
@@ -259,9 +275,15 @@ def main() -> None:
                         help="only the service path, not the comparison of execution modes (minutes less)")
     parser.add_argument("--service-precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="the service path's precision (auto: as the service decides)")
+    parser.add_argument("--architectures", nargs="+", choices=sorted(MODELS), metavar="MODEL",
+                        help="only time these registry models' forward at --size (parameters too)")
+    parser.add_argument("--size", type=int, default=512, help="image side with --architectures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(background_load() + machine())
+    if args.architectures:
+        report_architectures(args.architectures, args.size, args.repeat)
+        return
     peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
     print(f"matmul peak (4096x4096 torch.mm, {args.threads} threads): fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s")

@@ -1,13 +1,14 @@
 """Would a GPU starve?  Training input pipeline images/s against the model's training step.
 
-    python bench/loader.py [--batch-size 8] [--crop-size 512] [--workers N] [--base-width 64]
+    python bench/loader.py [--batch-size 8] [--crop-size 512] [--workers N] [--base-width 64] [--augment basic ...]
 
 The pipeline: coco128 (../shared/data) converted to masks in a temporary folder, read by
-utils.datasets with utils.transforms.TrainTransform (decode, random scale, flip, crop,
-normalise) and collated by a DataLoader with the configured workers.  The step: forward,
+utils.datasets with each augmentation preset's transform (utils/augment.py: decode, random
+scale, flip, crop, then the preset's effects, normalise) and collated by a DataLoader with the
+configured workers; one figure per preset.  The step: forward,
 loss, backward and Adam on a batch of the same shape.  Both alone on the machine, one after
-the other.  Last line: ``ratio: X.XX``, loader images/s over CPU training images/s; the GPU
-figure says how fast a GPU may train before this loader becomes the bottleneck.
+the other.  Last line: ``ratio: X.XX``, the slowest preset's loader images/s over CPU training
+images/s; the GPU figure says how fast a GPU may train before this loader becomes the bottleneck.
 """
 from __future__ import annotations
 
@@ -27,19 +28,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import config
 from model import build_model
+from utils.augment import PRESETS, train_transform
 from utils.classes import COCO_CLASSES, IGNORE_INDEX
 from utils.coco_convert import convert
 from utils.datasets import build_dataset
 from utils.precision import PRECISIONS, autocast
-from utils.transforms import TrainTransform
 
 COCO128 = SHARED / "coco128"
 
 
-def training_loader(masks: Path, args: argparse.Namespace) -> DataLoader:
+def training_loader(masks: Path, args: argparse.Namespace, preset: str) -> DataLoader:
     layout = argparse.Namespace(data_dir=str(COCO128), mask_dir=str(masks), train_split="train2017",
                                 val_split="train2017")
-    dataset = build_dataset(layout, "train", TrainTransform(crop_size=args.crop_size))
+    dataset = build_dataset(layout, "train", train_transform(preset, args.crop_size))
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
                       persistent_workers=args.workers > 0)
 
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=48, help="batches timed from the loader")
     parser.add_argument("--steps", type=int, default=3, help="training steps timed (median)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="as train.py --precision")
+    parser.add_argument("--augment", choices=PRESETS, nargs="+", default=list(PRESETS),
+                        help="presets to time (default: all)")
     args = parser.parse_args()
     if not (COCO128 / "annotations" / "instances_train2017.json").is_file():
         sys.exit(f"error: {COCO128} not found: the loader benchmark reads coco128 from ../shared/data")
@@ -99,12 +102,15 @@ def main() -> None:
         masks = Path(folder) / "masks"
         convert(COCO128 / "annotations" / "instances_train2017.json", COCO128 / "train2017", masks / "train2017",
                 workers=args.workers or 1)
-        loader_rate = loader_images_per_second(training_loader(masks, args), args.batches)
+        rates = {preset: loader_images_per_second(training_loader(masks, args, preset), args.batches)
+                 for preset in args.augment}
     step, flops = step_seconds(args)
     step_rate = args.batch_size / step
     print(f"batch {args.batch_size} x {args.crop_size}x{args.crop_size}, U-Net base {args.base_width}, "
           f"precision {args.precision}, {torch.get_num_threads()} torch threads")
-    print(f"input pipeline ({args.workers} workers, decode + augment + collate): {loader_rate:8.1f} images/s")
+    for preset, rate in rates.items():
+        print(f"input pipeline, {preset:<11} ({args.workers} workers, decode to batch): {rate:8.1f} images/s")
+    loader_rate = min(rates.values())
     print(f"training step on this CPU ({step:.2f} s per batch):              {step_rate:8.1f} images/s")
     print(f"training FLOPs per image: {flops / 1e9:.0f} GFLOP; the loader feeds a GPU that trains at up to "
           f"{loader_rate * flops / 1e12:.1f} TFLOP/s effective before it starves")

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from model.deeplabv3plus import DeepLabV3Plus
-from model.smp_models import smp_unet
+from model.segnet import SegNet
+from model.smp_models import deeplabv3plus_xception, smp_fpn, smp_pspnet, smp_unet
 from model.torchvision_models import TORCHVISION_MODELS
 from model.unet import UNet
 from utils.checkpoint import CheckpointError, load_state_dict_file
@@ -21,7 +22,11 @@ NEVER_LOGIT = -1e4  # exp(-1e4 - anything real) is 0, and fp16 still holds it
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "unet": UNet,
     "deeplabv3plus_mobilenetv2": DeepLabV3Plus,
+    "deeplabv3plus_xception": deeplabv3plus_xception,
     "smp_unet": smp_unet,
+    "smp_fpn": smp_fpn,
+    "smp_pspnet": smp_pspnet,
+    "segnet": SegNet,
     **TORCHVISION_MODELS,
 }
 

@@ -27,6 +27,17 @@ TRACE_SHAPE = (2, 3, 31, 47)
 CHECK_SIZES = ((31, 47), (37, 53), (64, 48), (101, 97), (16, 16))
 
 
+class NotExportable(ValueError):
+    """A model that torch.onnx cannot express; the message names the part."""
+
+
+def check_exportable(model: nn.Module) -> None:
+    if any(isinstance(module, nn.MaxUnpool2d) for module in model.modules()):
+        # onnxscript's torchlib, which torch.onnx's exporter uses, leaves aten.max_unpool2d unimplemented.
+        raise NotExportable("SegNet's max unpooling (nn.MaxUnpool2d) has no ONNX export in torch.onnx; "
+                            "serve this model with PyTorch")
+
+
 class LogitsOnly(nn.Module):
     """The model's main logits, without torchvision's dict or auxiliary head."""
 
@@ -49,6 +60,7 @@ def require(module: str) -> None:
 def export_onnx(model: nn.Module) -> bytes:
     """The serialised ONNX model of ``model`` (eval mode, fp32, on the CPU): input ``images``
     N x 3 x H x W, output ``logits`` N x C x H x W, with N, H and W free."""
+    check_exportable(model)
     for module in ("onnx", "onnxscript"):
         require(module)
     wrapped = LogitsOnly(model).cpu().float().eval()

@@ -144,16 +144,46 @@ def check_encoder(encoder: str, output_stride: int) -> None:
         raise ValueError(f"encoder output stride must be 16 or 32, got {output_stride}")
 
 
+def over_encoder(architecture: type[nn.Module], num_classes: int, encoder: str, encoder_output_stride: int = 32,
+                 **options) -> AnySizeModel:
+    """SMP's ``architecture`` over one of ENCODERS, randomly initialised, taking any input size."""
+    check_encoder(encoder, encoder_output_stride)
+    net = architecture(encoder_name=encoder, encoder_weights=None, classes=num_classes, **options)
+    if encoder_output_stride != 32:
+        dilate_encoder(net.encoder, encoder_output_stride)
+    return AnySizeModel(net)
+
+
 def smp_unet(num_classes: int, encoder: str = "mobilenet_v2", encoder_output_stride: int = 32,
              voc_head: bool = False) -> AnySizeModel:
     """SMP's U-Net over ``encoder``; ``encoder_output_stride`` 16 keeps MobileNetV2's last blocks at
     1/16 of the input, dilated, as the DeepLab weights expect (the decoder then skips one upsampling);
     ``voc_head`` adds DeepLab's VOC head (UNetWithVOCHead), for MobileNetV2 at stride 16 only."""
-    check_encoder(encoder, encoder_output_stride)
     if voc_head and (encoder, encoder_output_stride) != ("mobilenet_v2", 16):
         raise ValueError("the VOC head reads MobileNetV2 at output stride 16: use --encoder mobilenet_v2 "
                          "--encoder-output-stride 16")
-    net = smp.Unet(encoder_name=encoder, encoder_weights=None, classes=num_classes)
-    if encoder_output_stride != 32:
-        dilate_encoder(net.encoder, encoder_output_stride)
-    return UNetWithVOCHead(net, num_classes) if voc_head else AnySizeModel(net)
+    model = over_encoder(smp.Unet, num_classes, encoder, encoder_output_stride)
+    return UNetWithVOCHead(model.net, num_classes) if voc_head else model
+
+
+def smp_fpn(num_classes: int, encoder: str = "mobilenet_v2") -> AnySizeModel:
+    """SMP's feature pyramid network over ``encoder`` (stride 32: its top-down path doubles each level)."""
+    return over_encoder(smp.FPN, num_classes, encoder)
+
+
+def smp_pspnet(num_classes: int, encoder: str = "mobilenet_v2") -> AnySizeModel:
+    """SMP's PSPNet over ``encoder``'s first three stages (a stride-8 map), pyramid-pooled and
+    upsampled by 8; inputs are padded to a multiple of 8."""
+    return over_encoder(smp.PSPNet, num_classes, encoder)
+
+
+XCEPTION = "tu-xception65"  # timm's aligned Xception-65, the DeepLabV3+ paper's backbone
+
+
+def deeplabv3plus_xception(num_classes: int, output_stride: int = 16) -> AnySizeModel:
+    """SMP's DeepLabV3+ on timm's aligned Xception-65, randomly initialised (nothing downloaded);
+    ``output_stride`` 8 or 16 as in the paper."""
+    if output_stride not in (8, 16):
+        raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+    return AnySizeModel(smp.DeepLabV3Plus(encoder_name=XCEPTION, encoder_weights=None,
+                                          encoder_output_stride=output_stride, classes=num_classes))

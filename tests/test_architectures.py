@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.models import mobilenet_v2, resnet18
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
-from model import MODELS, build_model, load_pretrained, model_meta
+from model import MODELS, build_model, load_pretrained, main_logits, model_meta
 from model.deeplabv3plus import DeepLabV3Plus
 from model.predictor import Predictor
 from utils.checkpoint import save_checkpoint
@@ -23,9 +23,10 @@ from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
 NUM_CLASSES = 3
 CLASS_NAMES = ["background", "cat", "dog"]
 ODD_SIZE = (65, 47)
-EXTRA_ARGS = {"unet": {"base_width": 4}}  # the rest are tested at their default widths
+EXTRA_ARGS = {"unet": {"base_width": 4}, "segnet": {"base_width": 8}}  # the rest at their default widths
 HEAVY = {"deeplabv3_resnet101", "fcn_resnet101"}
-QUICK_TO_TRAIN = ["unet", "deeplabv3plus_mobilenetv2", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
+QUICK_TO_TRAIN = ["unet", "deeplabv3plus_mobilenetv2", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large",
+                  "smp_fpn", "smp_pspnet", "deeplabv3plus_xception", "segnet"]
 
 
 def takes_aux_loss(arch: str) -> bool:
@@ -109,13 +110,17 @@ def test_a_saved_checkpoint_serves_through_the_predictor(tmp_path, arch):
 
     predictor = Predictor.from_checkpoint(path, device="cpu")
     path.unlink()  # ResNet-50 checkpoints weigh ~150 MB, and pytest keeps its last three tmp dirs
-    pixels = np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8)
-    prediction = predictor.predict(Image.fromarray(pixels))
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8))
+    prediction = predictor.predict(photo)
 
     assert prediction.class_map.shape == (37, 50)
     assert prediction.class_map.max() < NUM_CLASSES
     rebuilt = predictor.model.state_dict()
     assert all(torch.equal(rebuilt[key], value) for key, value in model.state_dict().items())
+    batch, _ = predictor.preprocess(photo)
+    with torch.no_grad():
+        served, trained = predictor.forward(batch).argmax(1), main_logits(model(batch)).argmax(1)
+    assert (served == trained).float().mean() > 0.999  # memory layouts may round a near-tie apart
 
 
 def test_a_torchvision_mobilenet_v2_file_fills_the_deeplabv3plus_backbone(tmp_path):
@@ -153,3 +158,46 @@ def test_a_weights_file_of_another_architecture_is_refused(tmp_path):
     torch.save(resnet18(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match="no tensor matches"):
         load_pretrained(seeded_model("deeplabv3plus_mobilenetv2"), str(path))
+
+
+def test_segnet_unpooling_puts_each_maximum_back_where_it_was_pooled():
+    model = seeded_model("segnet")
+    pool, unpool = model.encoder[0].pool, model.decoder[-1].unpool  # a stage and its mirror
+    features = torch.randperm(35, generator=torch.Generator().manual_seed(0)).float().reshape(1, 1, 5, 7)
+    pooled, indices = pool(features)
+    restored = unpool(pooled, indices, output_size=features.shape)
+
+    assert restored.shape == features.shape  # the odd last row and column come back (empty)
+    windows = features[..., :4, :6].reshape(1, 1, 2, 2, 3, 2).permute(0, 1, 2, 4, 3, 5).reshape(1, 1, 2, 3, 4)
+    is_window_max = restored != 0
+    assert torch.equal(restored[is_window_max], features[is_window_max])
+    assert sorted(restored[is_window_max].tolist()) == sorted(windows.amax(-1).flatten().tolist())
+    assert is_window_max.sum() == 6 and not is_window_max[..., 4, :].any() and not is_window_max[..., :, 6].any()
+
+
+def test_segnet_decoder_unpools_with_its_mirrored_encoder_stage():
+    model = seeded_model("segnet").eval()
+    pooled_shapes, unpooled_shapes = [], []
+    for stage in model.encoder:
+        stage.convs.register_forward_hook(lambda module, inputs, output: pooled_shapes.append(output.shape))
+    for stage in model.decoder:
+        stage.unpool.register_forward_hook(lambda module, inputs, output: unpooled_shapes.append(output.shape))
+    with torch.no_grad():
+        model(torch.randn(1, 3, *ODD_SIZE))
+    assert unpooled_shapes == pooled_shapes[::-1]
+
+
+def test_segnet_refuses_inputs_below_32_pixels_in_one_line():
+    with pytest.raises(ValueError, match="SegNet needs inputs of at least 32x32 pixels"):
+        seeded_model("segnet")(torch.randn(1, 3, 31, 64))
+
+
+@pytest.mark.parametrize(("arch", "stride"), [("smp_pspnet", 8), ("smp_fpn", 32), ("deeplabv3plus_xception", 16)])
+def test_smp_models_pad_odd_inputs_to_their_encoder_stride(arch, stride):
+    model = seeded_model(arch).eval()
+    padded_sizes = []
+    model.net.register_forward_pre_hook(lambda module, inputs: padded_sizes.append(inputs[0].shape[-2:]))
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, *ODD_SIZE))
+    assert logits.shape == (1, NUM_CLASSES, *ODD_SIZE)
+    assert padded_sizes == [tuple(math.ceil(side / stride) * stride for side in ODD_SIZE)]

@@ -11,6 +11,7 @@ from PIL import Image
 from tests.conftest import shared_dataset
 from tools import dataset as dataset_tool
 from utils.classes import palette
+from utils.dataset_tools import GRID_CELL, GRID_DRAWS
 from utils.datasets import DatasetError, add_dataset_arguments, build_dataset
 
 
@@ -198,3 +199,21 @@ def test_real_voc_labelme_example(tmp_path):
     values = set().union(*(set(np.unique(dataset.load(i)[1]).tolist()) for i in range(len(dataset))))
     assert len(dataset) == 3 and values == {0, 5, 6, 7, 9, 15, 18, 255}
     assert dataset.class_names[0] == "_background_"
+
+
+def test_visualize_augment_draws_a_grid_of_crops_beside_their_masks(tmp_path, capsys):
+    image, labels = striped(48, 64)
+    for n in range(3):
+        save(image, tmp_path / "train_images" / f"{n}.png")
+        save(labels, tmp_path / "train_masks" / f"{n}.png")
+    common = ["--dataset", "folder", "--data-dir", str(tmp_path), "--class-names", "a,b,c"]
+    assert dataset_tool.main(["visualize", *common, "--out", str(tmp_path / "viz"), "--count", "2",
+                              "--augment", "strong", "--crop-size", "32"]) == 0
+    assert f"wrote {tmp_path / 'viz' / 'augment_strong.jpg'}" in capsys.readouterr().out
+    grid = np.asarray(Image.open(tmp_path / "viz" / "augment_strong.jpg")).astype(int)
+    cell = GRID_CELL
+    assert grid.shape == (2 * cell, 2 * GRID_DRAWS * cell, 3)  # a row per image, a crop and its mask per draw
+    crops = [grid[:cell, 2 * d * cell:(2 * d + 1) * cell] for d in range(GRID_DRAWS)]
+    overlays = [grid[:cell, (2 * d + 1) * cell:(2 * d + 2) * cell] for d in range(GRID_DRAWS)]
+    assert any(np.abs(crops[0] - crop).mean() > 5 for crop in crops[1:])  # each draw is another sample
+    assert all(np.abs(crop - overlay).mean() > 5 for crop, overlay in zip(crops, overlays, strict=True))

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from model import NEVER_LOGIT, build_model, never_predict
-from model.export_onnx import export_onnx, largest_difference, onnxruntime_session, run_session
+from model.export_onnx import NotExportable, export_onnx, largest_difference, onnxruntime_session, run_session
+from model.segnet import SegNet
 from tests.tiny_checkpoint import make_checkpoint
 from tools import export_onnx as export_command
+from utils.checkpoint import save_checkpoint
 from utils.classes import COCO_CLASSES, COCO_UNUSED_IDS, never_labelled_ids
 
 pytest.importorskip("onnxscript", reason="ONNX export needs onnx + onnxscript (requirements-dev.txt)")
@@ -70,3 +72,17 @@ def test_the_default_models_architecture_exports_with_its_masked_classes():
         expected = model(images)
     np.testing.assert_allclose(logits.numpy(), expected.numpy(), atol=1e-3, rtol=1e-3)
     assert (logits[:, list(COCO_UNUSED_IDS)] == NEVER_LOGIT).all()
+
+
+def test_segnet_is_refused_with_a_one_line_reason(tmp_path, capsys):
+    with pytest.raises(NotExportable, match="max unpooling"):
+        export_onnx(SegNet(num_classes=3, base_width=4))
+    checkpoint = make_checkpoint(tmp_path / "tiny.pth")
+    state = torch.load(checkpoint, weights_only=True)
+    state["meta"].update(arch="segnet", arch_args={"num_classes": 3, "base_width": 4})
+    state["model"] = SegNet(num_classes=3, base_width=4).state_dict()
+    save_checkpoint(tmp_path / "segnet.pth", state)
+    assert export_command.main(["--checkpoint", str(tmp_path / "segnet.pth")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "max unpooling" in error and "\n" not in error
+    assert not (tmp_path / "segnet.onnx").exists()

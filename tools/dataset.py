@@ -4,9 +4,11 @@
     python tools/dataset.py verify --dataset folder --data-dir ROOT --split-dir save/flood-splits \\
         --mask-mode binary --class-names background,flood [--split train]
     python tools/dataset.py visualize ... --out save/flood-overlays [--count 8]
+    python tools/dataset.py visualize ... --out save/flood-overlays --augment weather [--crop-size 512]
 
 `split` writes train/val/test lists (seeded, default 8:1:1) without moving any file; the
-other commands take the same dataset options as train.py.
+other commands take the same dataset options as train.py.  `visualize --augment PRESET` writes
+`augment_<preset>.jpg` instead: each chosen image augmented three times, each crop beside its mask.
 """
 from __future__ import annotations
 
@@ -16,10 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import config  # noqa: E402
+from utils.augment import PRESETS, train_transform  # noqa: E402
 from utils.cli import fail, setup_logging  # noqa: E402
 from utils.dataset_layouts import LayoutError  # noqa: E402
-from utils.dataset_tools import format_class_shares, verify, visualize, write_splits  # noqa: E402
+from utils.dataset_tools import augmented_grid, format_class_shares, verify, visualize, write_splits  # noqa: E402
 from utils.datasets import DatasetError, add_dataset_arguments, build_dataset  # noqa: E402
+from utils.fileio import atomic_path  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ratios", type=float, nargs="+", default=[8, 1, 1], help="split: train val [test]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--count", type=int, default=8, help="visualize: how many images")
+    parser.add_argument("--augment", choices=PRESETS, help="visualize: a grid of this preset's training samples")
+    config.add_arguments(parser, "crop_size")
     args = parser.parse_args(argv)
     if args.command in ("split", "visualize") and not args.out:
         parser.error(f"{args.command} needs --out")
@@ -46,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
             print(", ".join(f"{name}: {count}" for name, count in counts.items()) + f" -> {args.out}")
             return 0
         dataset = build_dataset(args, args.split)
+        if args.command == "visualize" and args.augment:
+            grid = augmented_grid(dataset, train_transform(args.augment, args.crop_size), args.count, args.seed)
+            path = Path(args.out) / f"augment_{args.augment}.jpg"
+            with atomic_path(path) as tmp:
+                grid.save(tmp, format="JPEG", quality=90)
+            print(f"wrote {path}")
+            return 0
         if args.command == "visualize":
             print(f"wrote {visualize(dataset, Path(args.out), args.count, args.seed)} overlays to {args.out}")
             return 0

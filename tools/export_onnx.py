@@ -15,7 +15,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.export_onnx import CHECK_SIZES, export_onnx, largest_difference, onnxruntime_session  # noqa: E402
+from model.export_onnx import (  # noqa: E402
+    CHECK_SIZES,
+    NotExportable,
+    export_onnx,
+    largest_difference,
+    onnxruntime_session,
+)
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.cli import fail  # noqa: E402
 from utils.evaluation import load_model  # noqa: E402
@@ -48,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(args.checkpoint).with_suffix(".onnx")
     try:
         difference = export_checkpoint(args.checkpoint, out)
-    except (CheckpointError, ExportError, ImportError) as error:
+    except (CheckpointError, ExportError, NotExportable, ImportError) as error:
         return fail(error)
     sizes = ", ".join(f"{w}x{h}" for h, w in CHECK_SIZES)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); largest logit difference to PyTorch "

@@ -6,13 +6,16 @@ import random
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from model.predictor import render_overlay
+from utils.classes import IGNORE_INDEX
 from utils.dataset_layouts import LIST_PAIR_FOLDERS, LayoutError, pair_folders
 from utils.datasets import DatasetError, PairedDataset
 from utils.fileio import atomic_path, write_text
+from utils.transforms import TrainTransform
 
 log = logging.getLogger("dataset")
 SPLIT_NAMES = ("train", "val", "test")
@@ -84,3 +87,37 @@ def visualize(dataset: PairedDataset, out: Path, count: int, seed: int) -> int:
         with atomic_path(out / f"{dataset.pairs[index][0].stem}_overlay.jpg") as tmp:
             overlay.save(tmp, format="JPEG", quality=90)
     return len(chosen)
+
+
+GRID_DRAWS = 3  # augmented draws of each image, side by side
+GRID_CELL = 192  # pixels per cell side: a grid of 8 images stays a few MB
+
+
+def unnormalise(image: torch.Tensor, transform: TrainTransform) -> np.ndarray:
+    """A normalised 3xHxW tensor back to HxWx3 uint8."""
+    mean, std = torch.tensor(transform.mean)[:, None, None], torch.tensor(transform.std)[:, None, None]
+    return ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray) -> Image.Image:
+    """The mask over the image: classes in their palette colours, ignore in white, background plain."""
+    overlay = render_overlay(Image.fromarray(image), np.where(mask == IGNORE_INDEX, 0, mask).astype(np.uint8))
+    pixels = np.array(overlay)
+    pixels[mask == IGNORE_INDEX] = 255
+    return Image.fromarray(pixels)
+
+
+def augmented_grid(dataset: PairedDataset, transform: TrainTransform, count: int, seed: int) -> Image.Image:
+    """One row per chosen image: GRID_DRAWS augmented samples, each as the crop and, beside it, its
+    mask over it, so that a user sees what training will see before training."""
+    chosen = sorted(random.Random(seed).sample(range(len(dataset)), min(count, len(dataset))))
+    grid = Image.new("RGB", (2 * GRID_DRAWS * GRID_CELL, len(chosen) * GRID_CELL), "white")
+    for row, index in enumerate(tqdm(chosen, desc="augment", dynamic_ncols=True)):
+        image, mask = dataset.load(index)
+        for draw in range(GRID_DRAWS):
+            tensor, labels = transform(image, mask, random.Random(seed * 1000 + index * GRID_DRAWS + draw))
+            crop, labels = unnormalise(tensor, transform), labels.numpy()
+            for column, cell in enumerate((Image.fromarray(crop), mask_overlay(crop, labels))):
+                grid.paste(cell.resize((GRID_CELL, GRID_CELL), Image.Resampling.NEAREST),
+                           ((2 * draw + column) * GRID_CELL, row * GRID_CELL))
+    return grid

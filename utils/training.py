@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -20,7 +21,9 @@ from model import build_model, load_pretrained, main_logits, model_meta, never_p
 from model.deeplab_voc import load_voc_teacher
 from model.encoder_weights import load_encoder_weights
 from model.smp_models import load_voc_head
+from model.unet import UNet
 from utils import distributed
+from utils.augment import train_transform
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.classes import VOC_CLASSES, never_labelled_ids
 from utils.datasets import PairedDataset, build_dataset
@@ -30,7 +33,7 @@ from utils.losses import build_loss, class_weights_from_counts
 from utils.metrics import ConfusionMatrix
 from utils.plots import plot_training_curves
 from utils.precision import autocast
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
 log = logging.getLogger("train")
 
@@ -138,10 +141,19 @@ def arch_args(args: argparse.Namespace, num_classes: int) -> dict:
     arguments = {"num_classes": num_classes}
     if args.model == "unet":
         arguments.update(base_width=args.base_width, bilinear=not args.transposed)
-    elif args.model.startswith("smp_"):
+        # Variants are recorded only when chosen, so runs and checkpoints from before they existed
+        # (the defaults) still match on --resume.
+        variants = {"padding_mode": args.padding_mode, "dropout": args.dropout, "activation": args.activation}
+        defaults = inspect.signature(UNet).parameters
+        arguments.update({k: v for k, v in variants.items() if v != defaults[k].default})
+    elif args.model == "segnet":
+        arguments.update(base_width=args.base_width)
+    elif args.model == "smp_unet":
         arguments.update(encoder=args.encoder, encoder_output_stride=args.encoder_output_stride)
         if args.voc_head:
             arguments.update(voc_head=True)
+    elif args.model.startswith("smp_"):
+        arguments.update(encoder=args.encoder)
     elif args.model.startswith("deeplabv3plus"):
         arguments.update(output_stride=args.output_stride)
     elif args.model.startswith(("deeplabv3_", "fcn_")):
@@ -151,7 +163,7 @@ def arch_args(args: argparse.Namespace, num_classes: int) -> dict:
 
 def make_loaders(args: argparse.Namespace, context: distributed.Context
                  ) -> tuple[DataLoader, DataLoader, PairedDataset]:
-    train_set = build_dataset(args, "train", TrainTransform(crop_size=args.crop_size))
+    train_set = build_dataset(args, "train", train_transform(args.augment, args.crop_size))
     val_set = build_dataset(args, "val", EvalTransform())
     train_sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if context.distributed else None
     pin = context.device.type == "cuda"
@@ -190,9 +202,10 @@ def read_class_counts(path: str, num_classes: int) -> list[int]:
 
 
 def check_batch_size(args: argparse.Namespace) -> None:
-    if args.model.startswith("deeplabv3_") and args.batch_size < 2:
-        raise TrainingError("torchvision's DeepLabV3 has BatchNorm after global pooling, which cannot train on "
-                            "one image per batch: use --batch-size 2 or more")
+    if args.model.startswith("deeplabv3_") or args.model == "deeplabv3plus_xception":
+        if args.batch_size < 2:
+            raise TrainingError(f"{args.model} has BatchNorm after global pooling, which cannot train on "
+                                "one image per batch: use --batch-size 2 or more")
 
 
 def build_pretrained_model(args: argparse.Namespace, arguments: dict,
@@ -241,9 +254,10 @@ def make_distillation(args: argparse.Namespace, class_names: list[str],
 
 def check_options(args: argparse.Namespace) -> None:
     check_batch_size(args)
-    if (args.encoder_weights or args.freeze_encoder_epochs or args.voc_head) and not args.model.startswith("smp_"):
-        raise TrainingError("--encoder-weights, --freeze-encoder-epochs and --voc-head need an encoder model "
-                            "(--model smp_...)")
+    if (args.encoder_weights or args.freeze_encoder_epochs) and not args.model.startswith("smp_"):
+        raise TrainingError("--encoder-weights and --freeze-encoder-epochs need an encoder model (--model smp_...)")
+    if (args.encoder_output_stride != 32 or args.voc_head) and args.model != "smp_unet":
+        raise TrainingError("--encoder-output-stride 16 and --voc-head are offered for --model smp_unet only")
 
 
 def set_encoder_trainable(model: nn.Module, trainable: bool) -> None:

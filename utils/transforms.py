@@ -6,6 +6,7 @@ resized bilinearly and masks with nearest neighbour, so no new label value can a
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -24,6 +25,15 @@ def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.
     scale = np.float32(1 / 255)
     normalised = (image.astype(np.float32) * scale - np.float32(mean)) / np.float32(std)
     return torch.from_numpy(normalised.transpose(2, 0, 1).copy())
+
+
+def normalise(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """3xHxW float in [0, 1] -> normalised 3xHxW float32."""
+    return (image - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+# (crop, mask, seed) -> float image in [0, 1] and int64 mask: an augmentation preset (utils/augment.py)
+Augmentation = Callable[[np.ndarray, np.ndarray, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -54,12 +64,14 @@ def random_crop_pair(image: np.ndarray, mask: np.ndarray, height: int, width: in
 
 @dataclass
 class TrainTransform:
-    """Random scale (aspect kept), horizontal flip, crop to ``crop_size`` padding if needed."""
+    """Random scale (aspect kept), horizontal flip, crop to ``crop_size`` padding if needed: the
+    ``basic`` preset; an ``augmentation`` (utils/augment.py) continues from the crop."""
     crop_size: int = 512
     scale_range: tuple[float, float] = (0.75, 1.25)
     flip_probability: float = 0.5
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    augmentation: Augmentation | None = None
 
     def __call__(self, image: np.ndarray, mask: np.ndarray,
                  rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +81,11 @@ class TrainTransform:
             image, mask = image[:, ::-1], mask[:, ::-1]
         image, mask = pad_pair(image, mask, self.crop_size, self.crop_size)
         image, mask = random_crop_pair(image, mask, self.crop_size, self.crop_size, rng)
-        return to_tensor(image, self.mean, self.std), torch.from_numpy(mask.astype(np.int64))
+        if self.augmentation is None:
+            return to_tensor(image, self.mean, self.std), torch.from_numpy(mask.astype(np.int64))
+        # Drawn after basic's draws, so that basic's samples stay what they always were.
+        image01, labels = self.augmentation(image, mask, rng.getrandbits(63))
+        return normalise(image01, self.mean, self.std), labels
 
 
 def padded_size(height: int, width: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:

@@ -1,0 +1,123 @@
+"""Training augmentation presets (train.py --augment): what each adds after ``basic``.
+
+``basic`` is utils.transforms.TrainTransform as it always was (random scale 0.75-1.25, horizontal
+flip, crop padded with ignore).  The other presets run it first, then, on the crop:
+
+- ``photometric``: brightness/contrast, hue/saturation, JPEG compression, gaussian blur or noise;
+- ``weather``: photometric, then one of fog, sun flare, rain or shadow (kornia);
+- ``strong``: rotation/shift/scale and an elastic grid distortion (image and mask together), then weather.
+
+Geometry moves image and mask together (torchvision.transforms.v2 with ``tv_tensors.Mask``: masks
+are resampled nearest, and uncovered pixels become ignore); photometric and weather effects are
+given the image alone, so they cannot touch the mask.  Each sample's random draws come from one
+seed drawn from the transform's ``rng``, so a fixed seed gives the same sample twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import kornia.augmentation as K
+import numpy as np
+import torch
+from kornia.contrib import diamond_square
+from torch import nn
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from utils.classes import IGNORE_INDEX
+from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
+
+PRESETS = ("basic", "photometric", "weather", "strong")
+FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}  # what uncovered pixels become
+
+
+def moving_geometry() -> v2.Transform:
+    """Rotation/shift/scale and an elastic distortion (albumentations' ShiftScaleRotate and
+    GridDistortion, as torchvision offers them)."""
+    return v2.Compose([
+        v2.RandomApply([v2.RandomAffine(degrees=15, translate=(0.0625, 0.0625), scale=(0.9, 1.1), fill=FILL)], p=0.5),
+        v2.RandomApply([v2.ElasticTransform(alpha=40.0, sigma=6.0, fill=FILL)], p=0.3),
+    ])
+
+
+def colour_and_camera() -> v2.Transform:
+    """uint8 image -> float image in [0, 1], with the colour and camera effects."""
+    return v2.Compose([
+        v2.RandomApply([v2.ColorJitter(brightness=0.25, contrast=0.25)], p=0.5),
+        v2.RandomApply([v2.ColorJitter(saturation=0.3, hue=0.05)], p=0.5),
+        v2.RandomApply([v2.JPEG(quality=(40, 95))], p=0.3),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.RandomApply([v2.RandomChoice([v2.GaussianBlur(kernel_size=5, sigma=(0.3, 1.5)),
+                                         v2.GaussianNoise(sigma=0.03)])], p=0.3),
+    ])
+
+
+class Fog(nn.Module):
+    """A haze: the image blended toward light grey by a plasma fractal (kornia's diamond-square),
+    thick in places and thin in others.  kornia has no fog of its own: its plasma brightness
+    shifts each colour channel by a map of its own, which tints rather than fogs."""
+
+    def __init__(self, density: tuple[float, float] = (0.3, 0.7), roughness: tuple[float, float] = (0.2, 0.5),
+                 colour: float = 0.85) -> None:
+        super().__init__()
+        self.density, self.roughness, self.colour = density, roughness, colour
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        roughness = float(torch.empty(()).uniform_(*self.roughness))
+        density = float(torch.empty(()).uniform_(*self.density))
+        haze = diamond_square((images.shape[0], 1, *images.shape[-2:]), roughness, normalize_range=(0.0, 1.0),
+                              dtype=images.dtype)
+        alpha = density * haze  # one map for all channels: fog greys, it does not tint
+        return images * (1 - alpha) + self.colour * alpha
+
+
+def weather_effects(crop_size: int) -> v2.Transform:
+    """One of fog, sun flare (a bright gaussian spot), rain, or shadow (a plasma-fractal shade);
+    on a 1 x 3 x H x W float batch in [0, 1].  Rain falls as densely on any crop size: one drop per
+    500-1000 pixels, albumentations' drizzle to torrential."""
+    area = crop_size * crop_size
+    return v2.RandomApply([v2.RandomChoice([
+        Fog(),
+        K.RandomGaussianIllumination(gain=(0.2, 0.5), sign=(1.0, 1.0), p=1.0),
+        K.RandomRain(number_of_drops=(area // 1000, area // 500), drop_height=(5, 15), drop_width=(-3, 3), p=1.0),
+        K.RandomPlasmaShadow(roughness=(0.1, 0.5), shade_intensity=(-0.6, 0.0), p=1.0),
+    ])], p=0.5)
+
+
+@dataclass
+class Augmentation:
+    """A preset's steps after ``basic``: ``geometry`` on image and mask, ``photometric`` and
+    ``weather`` on the image alone."""
+    geometry: v2.Transform | None
+    photometric: v2.Transform
+    weather: v2.Transform | None
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """HxWx3 uint8 image and HxW uint8 mask -> 3xHxW float image in [0, 1] and HxW int64 mask."""
+        pixels = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        labels = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)))
+        # torchvision and kornia draw from torch's generator: seed it for this sample only.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if self.geometry is not None:
+                pixels, labels = self.geometry(pixels, labels)
+            pixels = self.photometric(pixels.as_subclass(torch.Tensor))
+            if self.weather is not None:
+                pixels = self.weather(pixels[None]).squeeze(0).clamp(0, 1)
+        return pixels, labels.as_subclass(torch.Tensor).long()
+
+
+def augmentation(preset: str, crop_size: int) -> Augmentation | None:
+    """The steps ``preset`` adds after basic at ``crop_size`` (None for basic itself)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown augmentation preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    if preset == "basic":
+        return None
+    return Augmentation(geometry=moving_geometry() if preset == "strong" else None,
+                        photometric=colour_and_camera(),
+                        weather=weather_effects(crop_size) if preset in ("weather", "strong") else None)
+
+
+def train_transform(preset: str, crop_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> TrainTransform:
+    """The training transform of ``preset`` at ``crop_size``."""
+    return TrainTransform(crop_size=crop_size, mean=mean, std=std, augmentation=augmentation(preset, crop_size))
