@@ -35,6 +35,15 @@ def dilate_encoder(encoder: nn.Module, output_stride: int) -> None:
     encoder._output_stride = output_stride
 
 
+def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad bottom/right to the next multiple of ``multiple``.  Written with floor division,
+    not a negative modulo, which torch.compile's symbolic shapes cannot lower."""
+    height, width = images.shape[-2:]
+    padded_height = (height + multiple - 1) // multiple * multiple
+    padded_width = (width + multiple - 1) // multiple * multiple
+    return F.pad(images, (0, padded_width - width, 0, padded_height - height))
+
+
 class AnySizeModel(nn.Module):
     """An SMP model that takes any input size: the input is zero-padded bottom/right to a multiple
     of the encoder's output stride (which SMP requires) and the logits are cropped back."""
@@ -68,9 +77,7 @@ class AnySizeModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
-        multiple = self.net.encoder.output_stride
-        pad_bottom, pad_right = -height % multiple, -width % multiple
-        logits = self.net(F.pad(images, (0, pad_right, 0, pad_bottom)))
+        logits = self.net(pad_to_multiple(images, self.encoder.output_stride))
         return logits[..., :height, :width]
 
 
@@ -111,9 +118,7 @@ class UNetWithVOCHead(AnySizeModel):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
-        multiple = self.encoder.output_stride
-        images = F.pad(images, (0, -width % multiple, 0, -height % multiple))
-        features, head_features = self.encode(images)
+        features, head_features = self.encode(pad_to_multiple(images, self.encoder.output_stride))
         logits = self.net.segmentation_head(self.net.decoder(features))
         prior = self.voc_to_classes(self.voc_head(head_features))
         prior = F.interpolate(prior, size=logits.shape[-2:], mode="bilinear", align_corners=True)

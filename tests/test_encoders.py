@@ -12,15 +12,16 @@ import torch
 from PIL import Image
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
-from model import build_model
+from model import build_model, model_meta
 from model.deeplab_voc import load_voc_teacher
 from model.encoder_weights import EncoderWeightsError, encoder_key, load_encoder_weights
+from model.predictor import Predictor
 from model.smp_models import ENCODERS
 from tests.conftest import SHARED_DATA, shared_weights
-from utils.checkpoint import CheckpointError
+from utils.checkpoint import CheckpointError, save_checkpoint
 from utils.classes import VOC_CLASSES
 from utils.training import parameter_groups
-from utils.transforms import to_tensor
+from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 
 IMAGENET_FILE = "mobilenet_v2-tf2ptq-6cf85aa2.pth"
 DEEPLAB_FILE = "deeplabv3_mobilenet_v2_voc-tfqat-eeae4f3a.pth"
@@ -182,3 +183,14 @@ def test_deeplab_file_loads_into_the_dilated_encoder_and_the_teacher():
         with torch.no_grad():
             classes = teacher(to_tensor(image)[None]).argmax(1)
         assert (classes == VOC_CLASSES.index("person")).float().mean() > 0.1
+
+
+def test_compiled_predictor_of_an_encoder_model_matches_eager(tmp_path):
+    """torch.compile (SEG_COMPILE=1) lowers the padding to the encoder's stride at any size."""
+    arch_args = {"num_classes": 3, "encoder": "mobilenet_v2"}
+    meta = model_meta("smp_unet", arch_args, ["a", "b", "c"], [64, 64], IMAGENET_MEAN, IMAGENET_STD)
+    save_checkpoint(tmp_path / "smp.pth", {"model": unet().state_dict(), "meta": meta})
+    eager = Predictor.from_checkpoint(tmp_path / "smp.pth", device="cpu", precision="fp32")
+    compiled = Predictor.from_checkpoint(tmp_path / "smp.pth", device="cpu", precision="fp32", compiled=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8))
+    np.testing.assert_allclose(compiled.predict(image).confidence, eager.predict(image).confidence, rtol=1e-3)
