@@ -12,9 +12,7 @@ silent partial load.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from utils.checkpoint import CheckpointError, load_state_dict_file
+from utils.fileio import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +95,6 @@ def imagenet_state(encoder_name: str) -> dict[str, torch.Tensor]:
                                   "pass a local file: --encoder-weights FILE") from error
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_encoder_weights(model: nn.Module, source: str, encoder_name: str) -> EncoderWeightsReport:
     """Load ``source`` (a file path, or ``imagenet``) into ``model.encoder``; see the key rule above."""
     encoder = getattr(model, "encoder", None)
@@ -113,7 +104,7 @@ def load_encoder_weights(model: nn.Module, source: str, encoder_name: str) -> En
     if source == IMAGENET:
         state, name, digest = imagenet_state(encoder_name), f"{IMAGENET} (torchvision)", None
     else:
-        state, name, digest = load_state_dict_file(source), Path(source).name, sha256_of(source)
+        state, name, digest = load_state_dict_file(source), Path(source).name, file_sha256(source)
     matched, missing, unused = match_state(encoder, state, name)
     encoder.load_state_dict(matched, strict=False)
     report = EncoderWeightsReport(name, digest, len(matched), missing, unused)

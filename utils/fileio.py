@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 from collections.abc import Iterator
@@ -80,3 +81,12 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             return to_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ImageReadError(f"cannot read image {path}: {error}") from error
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -11,7 +11,6 @@ retrained to the same path never inherits an old verdict.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.fileio import write_text
+from utils.fileio import file_sha256, write_text
 from utils.metrics import ConfusionMatrix
 
 MIN_AGREEMENT = 0.995  # fraction of pixels whose class is the same in fp32 and bf16
@@ -33,14 +32,6 @@ ClassMapOf = Callable[[Image.Image], np.ndarray]  # an image -> its H x W class 
 
 def guard_path(checkpoint: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(checkpoint)}.guard.json")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def passes(agreement: float, miou_drop_points: float | None) -> bool:
