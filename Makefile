@@ -19,7 +19,7 @@ run: $(STAMP)
 dev: $(STAMP)
 	$(PYTHON) app/main.py --host 127.0.0.1 --port 5000
 
-# Rebuild the default model from ../shared/data and ../shared/weights (about 90 minutes on 2 CPU cores; see MODEL_CARD.md).
+# Rebuild the default model from ../shared/data and ../shared/weights (about an hour on 2 CPU cores; see MODEL_CARD.md).
 default-model: $(STAMP)
 	$(PYTHON) tools/default_model.py
 
