@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from utils.coco_convert import convert
+
 CATEGORY_COLOURS = {1: (220, 40, 40), 3: (40, 200, 40), 18: (40, 60, 220), 44: (230, 210, 30)}
 CATEGORY_NAMES = {1: "person", 3: "car", 18: "dog", 44: "bottle"}
 
@@ -140,3 +142,11 @@ if __name__ == "__main__":
     args = parser.parse_args()
     made = make_coco(args.out, args.images, split=args.split, seed=args.seed)
     print(f"wrote {args.images} images to {made.image_dir} and {made.annotation_file}")
+
+
+def make_training_root(root: Path, **options) -> Path:
+    """A synthetic set (``make_coco`` options) with its masks converted, in the layout train.py
+    reads: ``<root>/train2017/*.jpg`` and ``<root>/masks/train2017/*.npy``."""
+    made = make_coco(root, **options)
+    convert(made.annotation_file, made.image_dir, root / "masks" / "train2017")
+    return root

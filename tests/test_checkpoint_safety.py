@@ -14,10 +14,9 @@ import test as test_script
 import train
 from model import build_model, load_pretrained, model_meta
 from model.predictor import Predictor
-from tests.synthetic_coco import make_coco
+from tests.synthetic_coco import make_training_root
 from tests.tiny_checkpoint import make_checkpoint
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.coco_convert import convert
 from utils.evaluation import load_model
 
 
@@ -47,10 +46,7 @@ def hostile(tmp_path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("safety")
-    made = make_coco(root, num_images=4, size=(40, 48), seed=5, max_objects=2)
-    convert(made.annotation_file, made.image_dir, root / "masks" / "train2017")
-    return root
+    return make_training_root(tmp_path_factory.mktemp("safety"), num_images=4, size=(40, 48), seed=5, max_objects=2)
 
 
 def train_args(root: Path, save: Path) -> list[str]:

@@ -24,10 +24,9 @@ from model.deeplab_voc import DeepLabV3VOC, load_voc_teacher
 from model.encoder_weights import load_encoder_weights
 from model.predictor import Predictor
 from model.smp_models import load_voc_head
-from tests.synthetic_coco import make_coco
+from tests.synthetic_coco import make_training_root
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.classes import COCO_CLASSES, COCO_UNUSED_IDS, IGNORE_INDEX, VOC_CLASSES, VOC_TO_COCO_NAMES
-from utils.coco_convert import convert
 from utils.distillation import GroupedDistillation, teacher_groups
 from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -38,10 +37,8 @@ ENCODER_RUN = ["--model", "smp_unet", "--encoder", "mobilenet_v2", "--encoder-ou
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("encoder-train")
-    made = make_coco(root, num_images=6, size=(64, 80), seed=3, max_objects=3)
-    convert(made.annotation_file, made.image_dir, root / "masks" / "train2017")
-    return root
+    return make_training_root(tmp_path_factory.mktemp("encoder-train"), num_images=6, size=(64, 80), seed=3,
+                              max_objects=3)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import train
-from tests.synthetic_coco import make_coco
+from tests.synthetic_coco import make_training_root
 from utils import distributed
-from utils.coco_convert import convert
 from utils.training import Run, prepare, resume, run_epoch, save_epoch
 
 STEPS_PER_EPOCH = 2  # 4 images, batch size 2
@@ -19,10 +18,7 @@ STEPS_PER_EPOCH = 2  # 4 images, batch size 2
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("resume")
-    made = make_coco(root, num_images=4, size=(40, 48), seed=4, max_objects=2)
-    convert(made.annotation_file, made.image_dir, root / "masks" / "train2017")
-    return root
+    return make_training_root(tmp_path_factory.mktemp("resume"), num_images=4, size=(40, 48), seed=4, max_objects=2)
 
 
 @pytest.fixture()

@@ -20,9 +20,8 @@ import test as test_script
 import test_draw
 import train
 from tests.conftest import ROOT
-from tests.synthetic_coco import make_coco
+from tests.synthetic_coco import make_training_root
 from utils.checkpoint import load_checkpoint
-from utils.coco_convert import convert
 
 TINY = ["--model", "unet", "--base-width", "8", "--crop-size", "64", "--batch-size", "2", "--workers", "0",
         "--train-split", "train2017", "--val-split", "train2017"]
@@ -31,10 +30,7 @@ TINY = ["--model", "unet", "--base-width", "8", "--crop-size", "64", "--batch-si
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory) -> Path:
     """12 synthetic images with their masks, in the layout train.py expects."""
-    root = tmp_path_factory.mktemp("train")
-    made = make_coco(root, num_images=12, size=(64, 80), seed=1, max_objects=3)
-    convert(made.annotation_file, made.image_dir, root / "masks" / "train2017")
-    return root
+    return make_training_root(tmp_path_factory.mktemp("train"), num_images=12, size=(64, 80), seed=1, max_objects=3)
 
 
 def data_args(root: Path, save: Path) -> list[str]:
