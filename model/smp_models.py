@@ -18,6 +18,7 @@ from torch import nn
 
 from model.deeplab_voc import VOCHead, head_state
 from model.deeplabv3plus import dilate_beyond_output_stride
+from model.pyramid_pooling import use_exportable_pyramid_pooling
 from utils.checkpoint import load_state_dict_file
 from utils.classes import VOC_CLASSES
 from utils.distillation import teacher_groups
@@ -178,8 +179,11 @@ def smp_fpn(num_classes: int, encoder: str = "mobilenet_v2") -> AnySizeModel:
 
 def smp_pspnet(num_classes: int, encoder: str = "mobilenet_v2") -> AnySizeModel:
     """SMP's PSPNet over ``encoder``'s first three stages (a stride-8 map), pyramid-pooled and
-    upsampled by 8; inputs are padded to a multiple of 8."""
-    return over_encoder(smp.PSPNet, num_classes, encoder)
+    upsampled by 8; inputs are padded to a multiple of 8.  Its pyramid pooling is rewritten so
+    that the ONNX export is right at every size (model/pyramid_pooling.py)."""
+    model = over_encoder(smp.PSPNet, num_classes, encoder)
+    use_exportable_pyramid_pooling(model.net)
+    return model
 
 
 XCEPTION = "tu-xception65"  # timm's aligned Xception-65, the DeepLabV3+ paper's backbone

@@ -74,6 +74,15 @@ def test_the_default_models_architecture_exports_with_its_masked_classes():
     assert (logits[:, list(COCO_UNUSED_IDS)] == NEVER_LOGIT).all()
 
 
+@pytest.mark.parametrize("arch", ["smp_fpn", "smp_pspnet", "deeplabv3plus_xception"])
+def test_the_new_architectures_export_one_graph_for_every_size(arch):
+    """CHECK_SIZES include 16x16, where PSPNet's stride-8 map (2x2) is smaller than its 6 bins."""
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=3).eval()
+    session = onnxruntime_session(export_onnx(model), threads=1)
+    assert largest_difference(model, session) < 1e-4
+
+
 def test_segnet_is_refused_with_a_one_line_reason(tmp_path, capsys):
     with pytest.raises(NotExportable, match="max unpooling"):
         export_onnx(SegNet(num_classes=3, base_width=4))
