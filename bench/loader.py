@@ -1,12 +1,14 @@
 """Would a GPU starve?  Training input pipeline images/s against the model's training step.
 
-    python bench/loader.py [--batch-size 8] [--crop-size 512] [--workers N] [--base-width 64] [--augment basic ...]
+    python bench/loader.py [--batch-size 8] [--crop-size 512] [--workers N] [--augment basic ...]
+                           [--model unet --base-width 64 | --model smp_unet --encoder mobilenet_v2]
 
 The pipeline: coco128 (../shared/data) converted to masks in a temporary folder, read by
 utils.datasets with each augmentation preset's transform (utils/augment.py: decode, random
 scale, flip, crop, then the preset's effects, normalise) and collated by a DataLoader with the
 configured workers; one figure per preset.  The step: forward,
-loss, backward and Adam on a batch of the same shape.  Both alone on the machine, one after
+loss, backward and Adam on a batch of the same shape, of the model train.py builds from the same
+--model options (91 classes, random init).  Both alone on the machine, one after
 the other.  Last line: ``ratio: X.XX``, the slowest preset's loader images/s over CPU training
 images/s; the GPU figure says how fast a GPU may train before this loader becomes the bottleneck.
 """
@@ -27,12 +29,15 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 import config
+import train
 from model import build_model
+from model.smp_models import ENCODERS
 from utils.augment import PRESETS, train_transform
 from utils.classes import COCO_CLASSES, IGNORE_INDEX
 from utils.coco_convert import convert
 from utils.datasets import build_dataset
 from utils.precision import PRECISIONS, autocast
+from utils.training import arch_args
 
 COCO128 = SHARED / "coco128"
 
@@ -71,10 +76,16 @@ def training_flops_per_image(model: nn.Module, crop_size: int) -> int:
     return counter.get_total_flops()
 
 
+def model_description(args: argparse.Namespace) -> str:
+    return f"U-Net base {args.base_width}" if args.model == "unet" else f"{args.model} over {args.encoder}"
+
+
 def step_seconds(args: argparse.Namespace) -> tuple[float, int]:
     """Median seconds of one training step at the loader's batch shape, and FLOPs per image."""
     torch.manual_seed(0)
-    model = build_model("unet", num_classes=len(COCO_CLASSES), base_width=args.base_width, bilinear=True)
+    training_options = train.parse_args(["--model", args.model, "--base-width", str(args.base_width),
+                                         "--encoder", args.encoder])
+    model = build_model(args.model, **arch_args(training_options, len(COCO_CLASSES)))
     model = model.to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     images = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size).contiguous(
@@ -88,7 +99,8 @@ def step_seconds(args: argparse.Namespace) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(parser, "batch_size", "crop_size", "workers", "base_width")
+    config.add_arguments(parser, "batch_size", "crop_size", "workers", "model", "base_width")
+    parser.add_argument("--encoder", choices=ENCODERS, default="mobilenet_v2", help="with --model smp_*")
     parser.add_argument("--batches", type=int, default=48, help="batches timed from the loader")
     parser.add_argument("--steps", type=int, default=3, help="training steps timed (median)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="as train.py --precision")
@@ -106,7 +118,7 @@ def main() -> None:
                  for preset in args.augment}
     step, flops = step_seconds(args)
     step_rate = args.batch_size / step
-    print(f"batch {args.batch_size} x {args.crop_size}x{args.crop_size}, U-Net base {args.base_width}, "
+    print(f"batch {args.batch_size} x {args.crop_size}x{args.crop_size}, {model_description(args)}, "
           f"precision {args.precision}, {torch.get_num_threads()} torch threads")
     for preset, rate in rates.items():
         print(f"input pipeline, {preset:<11} ({args.workers} workers, decode to batch): {rate:8.1f} images/s")
