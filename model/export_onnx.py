@@ -22,20 +22,26 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # Tracing at a size that is odd at every pooling level records that pad with amounts computed
 # from the input's shape; the amounts are 0 for other sizes, so the one graph is exact for all.
 # Height and width differ so that the exporter does not assume square inputs, and the batch is 2
-# because the exporter fixes any dimension traced at size 1.
-TRACE_SHAPE = (2, 3, 31, 47)
+# because the exporter fixes any dimension traced at size 1.  Models that need larger inputs
+# (a ``min_input_size`` of 32: SegNet, the reflect-padded U-Net) get these sizes scaled up.
+TRACE_SIZE = (31, 47)
 CHECK_SIZES = ((31, 47), (37, 53), (64, 48), (101, 97), (16, 16))
+SMALLEST_SIZE = 16
+
+
+def size_scale(model: nn.Module) -> int:
+    """By how much the trace and check sizes grow so that ``model`` accepts every one of them."""
+    return -(-getattr(model, "min_input_size", SMALLEST_SIZE) // SMALLEST_SIZE)
+
+
+def check_sizes(model: nn.Module) -> list[tuple[int, int]]:
+    """The (height, width) sizes an export of ``model`` is checked at."""
+    scale = size_scale(model)
+    return [(height * scale, width * scale) for height, width in CHECK_SIZES]
 
 
 class NotExportable(ValueError):
     """A model that torch.onnx cannot express; the message names the part."""
-
-
-def check_exportable(model: nn.Module) -> None:
-    if any(isinstance(module, nn.MaxUnpool2d) for module in model.modules()):
-        # onnxscript's torchlib, which torch.onnx's exporter uses, leaves aten.max_unpool2d unimplemented.
-        raise NotExportable("SegNet's max unpooling (nn.MaxUnpool2d) has no ONNX export in torch.onnx; "
-                            "serve this model with PyTorch")
 
 
 class LogitsOnly(nn.Module):
@@ -59,19 +65,36 @@ def require(module: str) -> None:
 
 def export_onnx(model: nn.Module) -> bytes:
     """The serialised ONNX model of ``model`` (eval mode, fp32, on the CPU): input ``images``
-    N x 3 x H x W, output ``logits`` N x C x H x W, with N, H and W free."""
-    check_exportable(model)
+    N x 3 x H x W, output ``logits`` N x C x H x W, with N, H and W free (H, W >= the smallest
+    check size)."""
     for module in ("onnx", "onnxscript"):
         require(module)
     wrapped = LogitsOnly(model).cpu().float().eval()
-    sample = torch.zeros(TRACE_SHAPE)
-    free = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height", min=16), 3: torch.export.Dim("width", min=16)}
-    # The exporter prints progress and warns about its own internals; neither helps the caller.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    scale = size_scale(model)
+    # (31, 47) scaled by 2 stays odd at every pooling level as (63, 95): (size + 1) * scale - 1.
+    sample = torch.zeros(2, 3, *((size + 1) * scale - 1 for size in TRACE_SIZE))
+    smallest = SMALLEST_SIZE * scale
+    free = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height", min=smallest),
+            3: torch.export.Dim("width", min=smallest)}
+    # The exporter prints progress, warns about its own internals and dumps graphs when it fails;
+    # none of it helps the caller, who gets the root cause in one line.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapped, (sample,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    dynamic_shapes={INPUT_NAME: free}, dynamo=True, optimize=True)
+        try:
+            program = torch.onnx.export(wrapped, (sample,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes={INPUT_NAME: free}, dynamo=True, optimize=True)
+        except Exception as error:  # the exporter raises many kinds, each wrapping the one that matters
+            raise NotExportable(f"torch.onnx could not export {type(model).__name__}: {root_cause(error)}") from error
     return program.model_proto.SerializeToString()
+
+
+def root_cause(error: BaseException) -> str:
+    """The first line of the innermost exception ``error`` was raised from."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def onnxruntime_session(model: bytes | str | os.PathLike, threads: int | None = None):
@@ -94,10 +117,12 @@ def run_session(session, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def largest_difference(model: nn.Module, session, sizes: Sequence[tuple[int, int]] = CHECK_SIZES,
+def largest_difference(model: nn.Module, session, sizes: Sequence[tuple[int, int]] | None = None,
                        seed: int = 0) -> float:
-    """The largest absolute logit difference between ``model`` and the session over ``sizes``."""
+    """The largest absolute logit difference between ``model`` and the session over ``sizes``
+    (default: the model's check sizes)."""
     generator = torch.Generator().manual_seed(seed)
+    sizes = sizes or check_sizes(model)
     wrapped = LogitsOnly(model).cpu().float().eval()
     worst = 0.0
     for height, width in sizes:

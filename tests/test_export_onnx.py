@@ -6,11 +6,16 @@ import pytest
 import torch
 
 from model import NEVER_LOGIT, build_model, never_predict
-from model.export_onnx import NotExportable, export_onnx, largest_difference, onnxruntime_session, run_session
-from model.segnet import SegNet
+from model.export_onnx import (
+    NotExportable,
+    check_sizes,
+    export_onnx,
+    largest_difference,
+    onnxruntime_session,
+    run_session,
+)
 from tests.tiny_checkpoint import make_checkpoint
 from tools import export_onnx as export_command
-from utils.checkpoint import save_checkpoint
 from utils.classes import COCO_CLASSES, COCO_UNUSED_IDS, never_labelled_ids
 
 pytest.importorskip("onnxscript", reason="ONNX export needs onnx + onnxscript (requirements-dev.txt)")
@@ -83,15 +88,31 @@ def test_the_new_architectures_export_one_graph_for_every_size(arch):
     assert largest_difference(model, session) < 1e-4
 
 
-def test_segnet_is_refused_with_a_one_line_reason(tmp_path, capsys):
-    with pytest.raises(NotExportable, match="max unpooling"):
-        export_onnx(SegNet(num_classes=3, base_width=4))
+@pytest.mark.parametrize("arch, arch_args", [("segnet", {"base_width": 4}),
+                                             ("unet", {"base_width": 4, "padding_mode": "reflect"})])
+def test_models_that_need_32_pixels_export_and_are_checked_from_32(arch, arch_args):
+    """SegNet's unpooling is a scatter the exporter knows; both models refuse inputs below 32 pixels,
+    so they are traced and checked at sizes scaled up to that."""
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=3, **arch_args).eval()
+    assert min(min(size) for size in check_sizes(model)) == 32
+    session = onnxruntime_session(export_onnx(model), threads=1)
+    assert largest_difference(model, session) < 1e-4
+
+
+class DataDependent(torch.nn.Module):
+    """A branch on the values, not the shapes: something torch.export cannot trace."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images if images.sum() > 0 else -images
+
+
+def test_a_model_the_exporter_cannot_trace_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    with pytest.raises(NotExportable, match="torch.onnx could not export DataDependent"):
+        export_onnx(DataDependent())
     checkpoint = make_checkpoint(tmp_path / "tiny.pth")
-    state = torch.load(checkpoint, weights_only=True)
-    state["meta"].update(arch="segnet", arch_args={"num_classes": 3, "base_width": 4})
-    state["model"] = SegNet(num_classes=3, base_width=4).state_dict()
-    save_checkpoint(tmp_path / "segnet.pth", state)
-    assert export_command.main(["--checkpoint", str(tmp_path / "segnet.pth")]) == 2
+    monkeypatch.setattr(export_command, "load_model", lambda *_: (DataDependent(), {}))
+    assert export_command.main(["--checkpoint", str(checkpoint)]) == 2
     error = capsys.readouterr().err.strip()
-    assert "max unpooling" in error and "\n" not in error
-    assert not (tmp_path / "segnet.onnx").exists()
+    assert error.startswith("error: torch.onnx could not export DataDependent") and "\n" not in error
+    assert not (tmp_path / "tiny.onnx").exists()

@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.export_onnx import (  # noqa: E402
-    CHECK_SIZES,
     NotExportable,
+    check_sizes,
     export_onnx,
     largest_difference,
     onnxruntime_session,
@@ -34,8 +34,8 @@ class ExportError(ValueError):
     """The exported model does not reproduce PyTorch's logits."""
 
 
-def export_checkpoint(checkpoint: str, out: Path) -> float:
-    """Write ``out`` and return the largest logit difference to PyTorch over CHECK_SIZES."""
+def export_checkpoint(checkpoint: str, out: Path) -> tuple[float, list[tuple[int, int]]]:
+    """Write ``out``; return the largest logit difference to PyTorch and the sizes it was checked at."""
     model, _ = load_model(checkpoint, torch.device("cpu"))
     serialised = export_onnx(model)
     difference = largest_difference(model, onnxruntime_session(serialised))
@@ -43,7 +43,7 @@ def export_checkpoint(checkpoint: str, out: Path) -> float:
         raise ExportError(f"ONNX Runtime differs from PyTorch by {difference:.2e} (> {TOLERANCE}); nothing written")
     with atomic_path(out) as tmp:
         tmp.write_bytes(serialised)
-    return difference
+    return difference, check_sizes(model)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or Path(args.checkpoint).with_suffix(".onnx")
     try:
-        difference = export_checkpoint(args.checkpoint, out)
+        difference, checked = export_checkpoint(args.checkpoint, out)
     except (CheckpointError, ExportError, NotExportable, ImportError) as error:
         return fail(error)
-    sizes = ", ".join(f"{w}x{h}" for h, w in CHECK_SIZES)
+    sizes = ", ".join(f"{w}x{h}" for h, w in checked)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); largest logit difference to PyTorch "
           f"over {sizes}: {difference:.2e}")
     return 0
