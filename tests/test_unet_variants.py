@@ -8,7 +8,7 @@ import torch
 import train
 from model import build_model
 from model.unet_parts import ConvStyle, DoubleConv
-from utils.training import arch_args
+from utils.training import TrainingError, arch_args, check_options
 
 VARIANTS = [{"padding_mode": "reflect"}, {"dropout": 0.5}, {"activation": "leaky_relu"}]
 
@@ -98,3 +98,11 @@ def test_train_options_reach_the_checkpoint_arguments():
                                   "padding_mode": "reflect", "dropout": 0.3, "activation": "leaky_relu"}
     # The defaults are left out, so a run from before the variants existed resumes with the same arguments.
     assert arch_args(train.parse_args([]), 3) == {"num_classes": 3, "base_width": args.base_width, "bilinear": True}
+
+
+@pytest.mark.parametrize("option", [["--dropout", "0.3"], ["--padding-mode", "reflect"],
+                                    ["--activation", "leaky_relu"], ["--transposed"]])
+def test_unet_options_on_another_model_are_refused_not_ignored(option):
+    with pytest.raises(TrainingError, match="options of --model unet only"):
+        check_options(train.parse_args(["--model", "segnet", *option]))
+    check_options(train.parse_args(["--model", "unet", *option]))

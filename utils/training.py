@@ -143,9 +143,7 @@ def arch_args(args: argparse.Namespace, num_classes: int) -> dict:
         arguments.update(base_width=args.base_width, bilinear=not args.transposed)
         # Variants are recorded only when chosen, so runs and checkpoints from before they existed
         # (the defaults) still match on --resume.
-        variants = {"padding_mode": args.padding_mode, "dropout": args.dropout, "activation": args.activation}
-        defaults = inspect.signature(UNet).parameters
-        arguments.update({k: v for k, v in variants.items() if v != defaults[k].default})
+        arguments.update(chosen_unet_variants(args))
     elif args.model == "segnet":
         arguments.update(base_width=args.base_width)
     elif args.model == "smp_unet":
@@ -159,6 +157,13 @@ def arch_args(args: argparse.Namespace, num_classes: int) -> dict:
     elif args.model.startswith(("deeplabv3_", "fcn_")):
         arguments.update(aux_loss=args.aux_loss)
     return arguments
+
+
+def chosen_unet_variants(args: argparse.Namespace) -> dict:
+    """The classic U-Net's variant options that differ from its defaults."""
+    variants = {"padding_mode": args.padding_mode, "dropout": args.dropout, "activation": args.activation}
+    defaults = inspect.signature(UNet).parameters
+    return {k: v for k, v in variants.items() if v != defaults[k].default}
 
 
 def make_loaders(args: argparse.Namespace, context: distributed.Context
@@ -258,6 +263,9 @@ def check_options(args: argparse.Namespace) -> None:
         raise TrainingError("--encoder-weights and --freeze-encoder-epochs need an encoder model (--model smp_...)")
     if (args.encoder_output_stride != 32 or args.voc_head) and args.model != "smp_unet":
         raise TrainingError("--encoder-output-stride 16 and --voc-head are offered for --model smp_unet only")
+    if (chosen_unet_variants(args) or args.transposed) and args.model != "unet":
+        raise TrainingError("--padding-mode, --dropout, --activation and --transposed are options of "
+                            "--model unet only")
 
 
 def set_encoder_trainable(model: nn.Module, trainable: bool) -> None:
