@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import config
 import train
-from model import build_model
+from model import build_model, main_logits
 from model.smp_models import ENCODERS
 from utils.augment import PRESETS, train_transform
 from utils.classes import COCO_CLASSES, IGNORE_INDEX
@@ -62,30 +62,33 @@ def loader_images_per_second(loader: DataLoader, batches: int) -> float:
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, masks: torch.Tensor,
                   precision: str) -> None:
     with autocast(images.device, precision):
-        loss = nn.functional.cross_entropy(model(images), masks, ignore_index=IGNORE_INDEX)
+        loss = nn.functional.cross_entropy(main_logits(model(images)), masks, ignore_index=IGNORE_INDEX)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
 
 def training_flops_per_image(model: nn.Module, crop_size: int) -> int:
-    """Forward and backward (about twice the forward) of one image."""
+    """Forward and backward (about twice the forward) of one image, counted on two: models with
+    BatchNorm after a global pooling cannot train on a batch of one."""
     with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, crop_size, crop_size).contiguous(memory_format=torch.channels_last)).sum().backward()
+        images = torch.zeros(2, 3, crop_size, crop_size).contiguous(memory_format=torch.channels_last)
+        main_logits(model(images)).sum().backward()
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return counter.get_total_flops() // 2
 
 
-def model_description(args: argparse.Namespace) -> str:
-    return f"U-Net base {args.base_width}" if args.model == "unet" else f"{args.model} over {args.encoder}"
+def model_arguments(args: argparse.Namespace) -> dict:
+    """What train.py would build for the same --model, --base-width and --encoder (91 classes)."""
+    training_options = train.parse_args(["--model", args.model, "--base-width", str(args.base_width),
+                                         "--encoder", args.encoder])
+    return arch_args(training_options, len(COCO_CLASSES))
 
 
 def step_seconds(args: argparse.Namespace) -> tuple[float, int]:
     """Median seconds of one training step at the loader's batch shape, and FLOPs per image."""
     torch.manual_seed(0)
-    training_options = train.parse_args(["--model", args.model, "--base-width", str(args.base_width),
-                                         "--encoder", args.encoder])
-    model = build_model(args.model, **arch_args(training_options, len(COCO_CLASSES)))
+    model = build_model(args.model, **model_arguments(args))
     model = model.to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     images = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size).contiguous(
@@ -118,7 +121,8 @@ def main() -> None:
                  for preset in args.augment}
     step, flops = step_seconds(args)
     step_rate = args.batch_size / step
-    print(f"batch {args.batch_size} x {args.crop_size}x{args.crop_size}, {model_description(args)}, "
+    shown = ", ".join(f"{k}={v}" for k, v in model_arguments(args).items() if k != "num_classes")
+    print(f"batch {args.batch_size} x {args.crop_size}x{args.crop_size}, {args.model} ({shown}), "
           f"precision {args.precision}, {torch.get_num_threads()} torch threads")
     for preset, rate in rates.items():
         print(f"input pipeline, {preset:<11} ({args.workers} workers, decode to batch): {rate:8.1f} images/s")
