@@ -66,6 +66,7 @@ def test_checkpoints_carry_metadata_and_state(trained):
         assert meta["arch"] == "unet" and meta["arch_args"]["base_width"] == 8
         assert meta["num_classes"] == 91 and meta["class_names"][1] == "person"
         assert meta["input_size"] == [64, 64] and len(meta["mean"]) == 3
+        assert checkpoint["config"]["augment"] == "basic" and checkpoint["config"]["base_width"] == 8
     last = load_checkpoint(trained / "last.pth")
     assert last["epoch"] == 100 and {"optimizer", "scheduler", "scaler", "config"} <= last.keys()
     assert last["meta"]["metrics"]["miou"] == pytest.approx(float(read_log(trained)[-1]["miou"]))

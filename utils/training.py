@@ -435,7 +435,7 @@ def train(args: argparse.Namespace) -> Path:
         final = save_dir / "model_final.pth"
         if run.context.is_main:
             meta = dict(run.meta, metrics=run.last_metrics or {})
-            save_checkpoint(final, {"model": run.bare_model.state_dict(), "meta": meta})
+            save_checkpoint(final, {"model": run.bare_model.state_dict(), "meta": meta, "config": plain_config(args)})
             log.info("final model saved to %s", final)
         return final
     finally:
