@@ -12,7 +12,7 @@ from torchvision import tv_tensors
 
 import train
 from tests.test_transforms import blocky_pair, denormalise, interior
-from utils.augment import PRESETS, augmentation, moving_geometry, train_transform
+from utils.augment import PRESETS, GridDistortion, augmentation, moving_geometry, train_transform
 from utils.training import plain_config
 
 CROP = 96
@@ -54,6 +54,28 @@ def test_every_preset_keeps_a_drawn_shape_aligned_with_its_mask(preset):
         valid = interior(labels) & (labels != 255)  # resampling and JPEG blur the block edges
         agreement = ((rgb[..., 0] > rgb[..., 2]) == (labels == 1))[valid].mean()
         assert valid.mean() > 0.3 and agreement > 0.97, (seed, agreement)
+
+
+def test_strong_does_move_the_masks_that_the_alignment_test_checks():
+    image, mask = red_blue_pair()
+    moved = [not torch.equal(sample("strong", image, mask, seed)[1], sample("basic", image, mask, seed)[1])
+             for seed in SEEDS]
+    assert sum(moved) >= 2, moved
+
+
+def test_grid_distortion_moves_image_and_mask_together_and_keeps_the_edges():
+    image, mask = red_blue_pair(96, 96)
+    torch.manual_seed(0)
+    out_image, out_mask = GridDistortion(limit=0.3)(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
+                                                    tv_tensors.Mask(torch.from_numpy(mask)))
+    labels, rgb = out_mask.numpy(), out_image.permute(1, 2, 0).numpy()
+    assert out_image.dtype == torch.uint8 and out_mask.dtype == torch.uint8
+    assert (labels != mask).mean() > 0.02  # the grid did move
+    assert set(np.unique(labels).tolist()) <= set(np.unique(mask).tolist())  # nearest: no invented ids
+    valid = interior(labels) & (labels != 255)
+    assert ((rgb[..., 0] > rgb[..., 2]) == (labels == 1))[valid].mean() > 0.97
+    for corner in [(0, 0), (0, -1), (-1, 0), (-1, -1)]:  # the edges stay where they were
+        assert labels[corner] == mask[corner] and (rgb[corner] == image[corner]).all()
 
 
 @pytest.mark.parametrize("preset", PRESETS)
