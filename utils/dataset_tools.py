@@ -72,7 +72,7 @@ def format_class_shares(counts: np.ndarray, class_names: list[str]) -> str:
     lines = [f"{'id':>3}  {'class':<20} {'pixels':>14} {'share':>8}"]
     for class_id, name in enumerate(class_names):
         lines.append(f"{class_id:>3}  {name:<20} {counts[class_id]:>14,} {counts[class_id] / max(total, 1):8.2%}")
-    lines.append(f"{'':>3}  {'(ignore)':<20} {counts[255]:>14,} {counts[255] / max(total, 1):8.2%}")
+    lines.append(f"{'':>3}  {'(ignore)':<20} {counts[IGNORE_INDEX]:>14,} {counts[IGNORE_INDEX] / max(total, 1):8.2%}")
     return "\n".join(lines)
 
 
@@ -82,7 +82,7 @@ def visualize(dataset: PairedDataset, out: Path, count: int, seed: int) -> int:
     chosen = sorted(random.Random(seed).sample(range(len(dataset)), min(count, len(dataset))))
     for index in tqdm(chosen, desc="visualize", dynamic_ncols=True):
         image, mask = dataset.load(index)
-        labels = np.where(mask == 255, 0, mask).astype(np.uint8)  # ignore shown as the plain photo
+        labels = np.where(mask == IGNORE_INDEX, 0, mask).astype(np.uint8)  # ignore shown as the plain photo
         overlay = render_overlay(Image.fromarray(image), labels)
         with atomic_path(out / f"{dataset.pairs[index][0].stem}_overlay.jpg") as tmp:
             overlay.save(tmp, format="JPEG", quality=90)
@@ -115,7 +115,7 @@ def augmented_grid(dataset: PairedDataset, transform: TrainTransform, count: int
     for row, index in enumerate(tqdm(chosen, desc="augment", dynamic_ncols=True)):
         image, mask = dataset.load(index)
         for draw in range(GRID_DRAWS):
-            tensor, labels = transform(image, mask, random.Random(seed * 1000 + index * GRID_DRAWS + draw))
+            tensor, labels = transform(image, mask, random.Random(f"{seed}/{index}/{draw}"))  # distinct for any index
             crop, labels = unnormalise(tensor, transform), labels.numpy()
             for column, cell in enumerate((Image.fromarray(crop), mask_overlay(crop, labels))):
                 grid.paste(cell.resize((GRID_CELL, GRID_CELL), Image.Resampling.NEAREST),
