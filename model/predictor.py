@@ -210,7 +210,8 @@ class Predictor:
         resized = rgb.resize(fit_long_side(*rgb.size, max(self.input_size)), Image.Resampling.BILINEAR)
         pixels = np.asarray(resized)
         height, width = pixels.shape[:2]
-        padded_height, padded_width = padded_size(height, width)
+        # SegNet and the reflect-padded U-Net need 32 pixels: a very long, thin photo is padded to that.
+        padded_height, padded_width = padded_size(height, width, minimum=getattr(self.model, "min_input_size", 0))
         pixels = np.pad(pixels, ((0, padded_height - height), (0, padded_width - width), (0, 0)))
         info = PreprocessInfo(original_size=(rgb.height, rgb.width), resized_size=(height, width))
         return normalise(pixels, self.meta["mean"], self.meta["std"], self.device), info

@@ -302,3 +302,13 @@ def test_checkpoint_whose_meta_and_weights_disagree_is_a_checkpoint_error(tmp_pa
         Predictor.from_checkpoint(tmp_path / "bad.pth", device="cpu")
     with pytest.raises(CheckpointError, match="do not make a model"):  # test.py's and the exporter's loader
         load_model(tmp_path / "bad.pth", torch.device("cpu"))
+
+
+def test_a_long_thin_photo_is_padded_to_what_segnet_needs():
+    """At input size 64, a 640x10 photo becomes 64x1 (padded to 16 by the multiple): SegNet needs 32."""
+    torch.manual_seed(0)
+    arch_args = {"num_classes": 3, "base_width": 4}
+    model = build_model("segnet", **arch_args)
+    meta = model_meta("segnet", arch_args, ["background", "a", "b"], (64, 64), IMAGENET_MEAN, IMAGENET_STD)
+    prediction = Predictor(model, meta, torch.device("cpu")).predict(Image.new("RGB", (640, 10)))
+    assert prediction.class_map.shape == (10, 640)

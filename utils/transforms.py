@@ -88,8 +88,12 @@ class TrainTransform:
         return normalise(image01, self.mean, self.std), labels
 
 
-def padded_size(height: int, width: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
-    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+def padded_size(height: int, width: int, multiple: int = SIZE_MULTIPLE, minimum: int = 0) -> tuple[int, int]:
+    """Each side rounded up to a multiple of ``multiple``, and to at least ``minimum``."""
+    def round_up(side: int) -> int:
+        return max(-(-side // multiple) * multiple, minimum)
+
+    return round_up(height), round_up(width)
 
 
 @dataclass
