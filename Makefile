@@ -24,9 +24,8 @@ default-model: $(STAMP)
 	$(PYTHON) tools/default_model.py
 
 # Flood areas with pretrained features: MobileNetV2 U-Net (ImageNet file), binary masks, Dice + CE,
-# 30 epochs of 8 x 320 crops (about 25 minutes on 2 CPU cores), then test.py on the val split.
-# The 7 pairs whose mask size differs from the image are skipped: 4 are swapped masks (14/15,
-# 2052/2053) and the other 3 differ in aspect ratio, so no resize can align them.
+# 30 epochs of 8 x 320 crops (17-22 minutes on 2 CPU cores), then test.py on the val split.
+# The pairs whose mask size differs from the image are skipped (README, "Other datasets": why).
 # AUGMENT=basic|photometric|weather|strong picks the preset; results in save/flood-$(AUGMENT)/.
 SHARED  ?= ../shared
 AUGMENT ?= weather

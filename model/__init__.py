@@ -92,6 +92,12 @@ def main_logits(outputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor
     return outputs["out"] if isinstance(outputs, dict) else outputs
 
 
+def min_input_size(model: nn.Module) -> int:
+    """The smallest height and width ``model`` accepts (SegNet and the reflect-padded U-Net say
+    so; the others take any size)."""
+    return getattr(model, "min_input_size", 1)
+
+
 def model_meta(arch: str, arch_args: dict, class_names: Sequence[str], input_size: Sequence[int],
                mean: Sequence[float], std: Sequence[float], ignore_index: int = IGNORE_INDEX) -> dict:
     """The checkpoint ``meta`` (layout in utils/checkpoint.py), as plain types for weights-only loading."""

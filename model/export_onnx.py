@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import main_logits
+from model import main_logits, min_input_size
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # The U-Net pads an upsampled map only when a pooled size was odd (model.unet_parts.pad_to_match).
@@ -31,7 +31,7 @@ SMALLEST_SIZE = 16
 
 def size_scale(model: nn.Module) -> int:
     """By how much the trace and check sizes grow so that ``model`` accepts every one of them."""
-    return -(-getattr(model, "min_input_size", SMALLEST_SIZE) // SMALLEST_SIZE)
+    return -(-max(min_input_size(model), SMALLEST_SIZE) // SMALLEST_SIZE)
 
 
 def check_sizes(model: nn.Module) -> list[tuple[int, int]]:
@@ -84,7 +84,7 @@ def export_onnx(model: nn.Module) -> bytes:
         try:
             program = torch.onnx.export(wrapped, (sample,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                         dynamic_shapes={INPUT_NAME: free}, dynamo=True, optimize=True)
-        except Exception as error:  # the exporter raises many kinds, each wrapping the one that matters
+        except torch.onnx.OnnxExporterError as error:  # it wraps the error that matters
             raise NotExportable(f"torch.onnx could not export {type(model).__name__}: {root_cause(error)}") from error
     return program.model_proto.SerializeToString()
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from model import main_logits, model_from_checkpoint
+from model import main_logits, min_input_size, model_from_checkpoint
 from model.export_onnx import export_onnx, onnxruntime_session, run_session
 from utils.checkpoint import load_checkpoint
 from utils.classes import palette
@@ -211,7 +211,7 @@ class Predictor:
         pixels = np.asarray(resized)
         height, width = pixels.shape[:2]
         # SegNet and the reflect-padded U-Net need 32 pixels: a very long, thin photo is padded to that.
-        padded_height, padded_width = padded_size(height, width, minimum=getattr(self.model, "min_input_size", 0))
+        padded_height, padded_width = padded_size(height, width, minimum=min_input_size(self.model))
         pixels = np.pad(pixels, ((0, padded_height - height), (0, padded_width - width), (0, 0)))
         info = PreprocessInfo(original_size=(rgb.height, rgb.width), resized_size=(height, width))
         return normalise(pixels, self.meta["mean"], self.meta["std"], self.device), info

@@ -28,31 +28,18 @@ class EncoderStage(nn.Module):
         return pooled, indices, features.shape
 
 
-class MaxUnpool(nn.Module):
-    """``nn.MaxUnpool2d``: each value scattered back to the flat position its index names, in a
-    zero map of the encoder stage's ``size``.  Written as a scatter because torch.onnx cannot
-    export max_unpool2d; a scatter exports, and computes the same map."""
-
-    def forward(self, features: torch.Tensor, indices: torch.Tensor, size: torch.Size) -> torch.Tensor:
-        batch, channels = features.shape[:2]
-        height, width = size[-2:]
-        unpooled = features.new_zeros(batch, channels, height * width)
-        unpooled = unpooled.scatter(2, indices.flatten(2), features.flatten(2))
-        return unpooled.view(batch, channels, height, width)
-
-
 class DecoderStage(nn.Module):
     """Max unpooling with the mirrored encoder stage's indices (to its exact size, so odd sizes come
     back whole), then 3x3 convolutions, the last one narrowing to ``out_channels``."""
 
     def __init__(self, in_channels: int, out_channels: int, convs: int) -> None:
         super().__init__()
-        self.unpool = MaxUnpool()
+        self.unpool = nn.MaxUnpool2d(2)
         self.convs = nn.Sequential(*(conv_bn_relu(in_channels, out_channels if i == convs - 1 else in_channels, 3)
                                      for i in range(convs)))
 
     def forward(self, features: torch.Tensor, indices: torch.Tensor, size: torch.Size) -> torch.Tensor:
-        return self.convs(self.unpool(features, indices, size))
+        return self.convs(self.unpool(features, indices, output_size=size))
 
 
 class SegNet(nn.Module):

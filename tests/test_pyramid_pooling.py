@@ -27,3 +27,11 @@ def test_the_pspnet_equals_smps_own_with_the_same_weights():
     images = torch.randn(1, 3, 96, 72)
     with torch.no_grad():
         torch.testing.assert_close(ours(images), theirs(images), atol=1e-5, rtol=1e-5)
+
+
+def test_the_pooling_stays_float32_under_bf16_autocast():
+    x = torch.randn(1, 4, 29, 31, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = AdaptiveAvgPool(6)(x)
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled, nn.AdaptiveAvgPool2d(6)(x))
