@@ -82,3 +82,11 @@ def test_eval_transform_pads_to_multiple_of_16_and_keeps_the_image():
     np.testing.assert_array_equal(out_mask[:37, :53].numpy(), mask)
     assert (out_mask[37:] == 255).all() and (out_mask[:, 53:] == 255).all()
     np.testing.assert_allclose(denormalise(out_image)[:37, :53], image, atol=1)
+
+
+def test_eval_transform_pads_a_thin_image_to_the_models_minimum():
+    image, mask = blocky_pair(20, 53)
+    out_image, out_mask = EvalTransform(minimum=32)(image, mask)
+    assert out_image.shape == (3, 32, 64)
+    np.testing.assert_array_equal(out_mask[:20, :53].numpy(), mask)
+    assert (out_mask[20:] == 255).all()

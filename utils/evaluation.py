@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
-from model import main_logits, model_from_checkpoint
+from model import main_logits, min_input_size, model_from_checkpoint
 from utils import distributed
 from utils.checkpoint import load_checkpoint
 from utils.classes import IGNORE_INDEX
@@ -149,7 +149,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     context = distributed.setup(args.device)
     try:
         model, meta = load_model(args.checkpoint, context.device)
-        dataset = build_dataset(args, "val", EvalTransform(tuple(meta["mean"]), tuple(meta["std"])))
+        transform = EvalTransform(tuple(meta["mean"]), tuple(meta["std"]), minimum=min_input_size(model))
+        dataset = build_dataset(args, "val", transform)
         if dataset.num_classes != meta["num_classes"]:
             raise DatasetError(f"the dataset has {dataset.num_classes} classes but {args.checkpoint} predicts "
                                f"{meta['num_classes']}: pass the class names it was trained with")

@@ -98,7 +98,8 @@ def padded_size(height: int, width: int, multiple: int = SIZE_MULTIPLE, minimum:
 
 @dataclass
 class EvalTransform:
-    """The whole image, padded bottom/right to a multiple of 16 (mask padding = ignore).
+    """The whole image, padded bottom/right to a multiple of 16 and to at least ``minimum`` (the
+    model's smallest input), mask padding = ignore.
 
     Padding sits after the image's own pixels, so predictions are cropped back with
     ``prediction[..., :height, :width]``; the padded mask pixels are ignored by metrics.
@@ -106,8 +107,9 @@ class EvalTransform:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     multiple: int = SIZE_MULTIPLE
+    minimum: int = 0
 
     def __call__(self, image: np.ndarray, mask: np.ndarray,
                  rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = pad_pair(image, mask, *padded_size(*mask.shape, self.multiple))
+        image, mask = pad_pair(image, mask, *padded_size(*mask.shape, self.multiple, self.minimum))
         return to_tensor(image, self.mean, self.std), torch.from_numpy(mask.astype(np.int64))
