@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import test as test_script
+import train
 from tests.conftest import shared_dataset
 from tools import dataset as dataset_tool
 from utils.classes import palette
@@ -217,3 +219,22 @@ def test_visualize_augment_draws_a_grid_of_crops_beside_their_masks(tmp_path, ca
     overlays = [grid[:cell, (2 * d + 1) * cell:(2 * d + 2) * cell] for d in range(GRID_DRAWS)]
     assert any(np.abs(crops[0] - crop).mean() > 5 for crop in crops[1:])  # each draw is another sample
     assert all(np.abs(crop - overlay).mean() > 5 for crop, overlay in zip(crops, overlays, strict=True))
+
+
+def test_segnet_trains_and_evaluates_with_a_validation_image_thinner_than_it_accepts(tmp_path):
+    """SegNet needs 32 pixels; a 12-pixel-high validation image (16 once padded to the multiple of
+    16) is padded to 32, mask ignore, in train.py's validation and in test.py, instead of stopping."""
+    image, labels = striped(48, 48)
+    for stem in ("a", "b"):
+        save(image, tmp_path / "train_images" / f"{stem}.png")
+        save(labels, tmp_path / "train_masks" / f"{stem}.png")
+    thin_image, thin_labels = striped(12, 64)
+    save(thin_image, tmp_path / "val_images" / "thin.png")
+    save(thin_labels, tmp_path / "val_masks" / "thin.png")
+    data = ["--dataset", "folder", "--data-dir", str(tmp_path), "--class-names", "a,b,c"]
+    save_dir = tmp_path / "save"
+    assert train.main([*data, "--model", "segnet", "--base-width", "4", "--crop-size", "32", "--batch-size", "2",
+                       "--epochs", "1", "--workers", "0", "--save-dir", str(save_dir)]) == 0
+    assert test_script.main([*data, "--checkpoint", str(save_dir / "best.pth"), "--workers", "0",
+                             "--save-dir", str(save_dir)]) == 0
+    assert (save_dir / "metrics.json").is_file()

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from model import build_model, load_pretrained, main_logits, model_meta, never_predict
+from model import build_model, load_pretrained, main_logits, min_input_size, model_meta, never_predict
 from model.deeplab_voc import load_voc_teacher
 from model.encoder_weights import load_encoder_weights
 from model.smp_models import load_voc_head
@@ -166,22 +166,24 @@ def chosen_unet_variants(args: argparse.Namespace) -> dict:
     return {k: v for k, v in variants.items() if v != defaults[k].default}
 
 
-def make_loaders(args: argparse.Namespace, context: distributed.Context
-                 ) -> tuple[DataLoader, DataLoader, PairedDataset]:
+def make_train_loader(args: argparse.Namespace, context: distributed.Context) -> tuple[DataLoader, PairedDataset]:
     train_set = build_dataset(args, "train", train_transform(args.augment, args.crop_size))
-    val_set = build_dataset(args, "val", EvalTransform())
     train_sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if context.distributed else None
-    pin = context.device.type == "cuda"
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=train_sampler is None,
-                              sampler=train_sampler, num_workers=args.workers, pin_memory=pin, drop_last=True,
+                              sampler=train_sampler, num_workers=args.workers,
+                              pin_memory=context.device.type == "cuda", drop_last=True,
                               persistent_workers=args.workers > 0)
     if len(train_loader) == 0:
         raise TrainingError(f"batch size {args.batch_size} is larger than the {len(train_set)} training "
                               "images on this process: lower --batch-size")
-    # Whole images differ in size, so validation runs one image per batch.
-    val_loader = DataLoader(val_set, batch_size=1, sampler=distributed.ShardSampler(len(val_set), context),
-                            num_workers=args.workers, pin_memory=pin)
-    return train_loader, val_loader, train_set
+    return train_loader, train_set
+
+
+def make_val_loader(args: argparse.Namespace, context: distributed.Context, model: nn.Module) -> DataLoader:
+    """Whole validation images, padded to what ``model`` accepts; they differ in size, so one per batch."""
+    val_set = build_dataset(args, "val", EvalTransform(minimum=min_input_size(model)))
+    return DataLoader(val_set, batch_size=1, sampler=distributed.ShardSampler(len(val_set), context),
+                      num_workers=args.workers, pin_memory=context.device.type == "cuda")
 
 
 def make_criterion(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:
@@ -280,10 +282,11 @@ def prepare(args: argparse.Namespace) -> Run:
     seed_everything(args.seed + context.rank)
     if context.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    train_loader, val_loader, train_set = make_loaders(args, context)
+    train_loader, train_set = make_train_loader(args, context)
     class_names = train_set.class_names
     arguments = arch_args(args, len(class_names))
     bare_model, encoder_source = build_pretrained_model(args, arguments, class_names)
+    val_loader = make_val_loader(args, context, bare_model)
     never_predict(bare_model, never_labelled_ids(class_names))
     bare_model = bare_model.to(context.device, memory_format=torch.channels_last)
     model = bare_model
