@@ -1,17 +1,16 @@
 """The recipe for the shipped default model: real COCO images from ../shared/data, our own
 converter and train.py, evaluated on coco-tiny's val split.
 
-    python tools/default_model.py [--setting weighted-ce] [--shared ../shared/data] [--work data/default]
+    python tools/default_model.py [--setting imagenet] [--shared ../shared/data] [--work data/default]
 
 Steps: convert every source with cocomask_to_numpy, link images and masks into one train and
-one val folder (an image is in one split only), count class pixels for the loss weights, train,
+one val folder (an image is in one split only), train,
 evaluate with test.py, and export the best checkpoint to save/default/model.pth (fp16 storage)
 with save/default/model.json (its metrics, settings and sha256).  Runs on a GPU unchanged.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -28,8 +27,8 @@ import test as test_script  # noqa: E402
 import train  # noqa: E402
 from model.predictor import Predictor  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from utils.coco_convert import convert, pixel_counts  # noqa: E402
-from utils.fileio import atomic_path, load_rgb, write_text  # noqa: E402
+from utils.coco_convert import convert  # noqa: E402
+from utils.fileio import atomic_path, file_sha256, load_rgb, write_text  # noqa: E402
 
 # (name, annotation file, image folder) under ../shared/data.  tiny-coco's split names are
 # swapped upstream; both halves are training data here, so that does not matter.
@@ -66,9 +65,9 @@ SETTINGS = {
 }
 
 
-def train_arguments(setting: str, counts: Path, weights_dir: Path) -> list[str]:
-    """The setting's arguments with the weight files and class counts filled in."""
-    places = {"{counts}": str(counts), **{f"{{{k}}}": str(weights_dir / v) for k, v in WEIGHTS.items()}}
+def train_arguments(setting: str, weights_dir: Path) -> list[str]:
+    """The setting's arguments with the weight files filled in."""
+    places = {f"{{{k}}}": str(weights_dir / v) for k, v in WEIGHTS.items()}
     return [places.get(argument, argument) for argument in SETTINGS[setting]]
 
 
@@ -97,19 +96,11 @@ def link_split(shared: Path, work: Path, split: str, sources: list[tuple[str, st
     return len(list(masks.glob("*.npy")))
 
 
-def write_class_counts(work: Path) -> Path:
-    """Pixel counts per class over the training masks, in the converter's summary format."""
-    counts = sum(pixel_counts(np.load(p)) for p in sorted((work / "masks" / "train").glob("*.npy")))
-    path = work / "class_counts.json"
-    write_text(path, json.dumps({"class_pixel_counts": counts[:91].tolist(), "ignore_pixels": int(counts[255])}))
-    return path
-
-
-def prepare(shared: Path, work: Path) -> tuple[int, int, Path]:
+def prepare(shared: Path, work: Path) -> tuple[int, int]:
     val_stems = {p.stem for p in (shared / VAL_SOURCE[2]).glob("*.jpg")}
     val = link_split(shared, work, "val", [VAL_SOURCE], set())
     train_count = link_split(shared, work, "train", TRAIN_SOURCES, val_stems)
-    return train_count, val, write_class_counts(work)
+    return train_count, val
 
 
 def export(checkpoint: Path, out: Path, report: dict, setting: str, seconds: float, counts: tuple[int, int]) -> str:
@@ -119,7 +110,7 @@ def export(checkpoint: Path, out: Path, report: dict, setting: str, seconds: flo
     metrics = {"pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"],
                "iou": report["iou"], "support": report["support"]}
     save_checkpoint(out, {"model": state, "meta": dict(source["meta"], metrics=metrics)})
-    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    digest = file_sha256(out)
     card = {"sha256": digest, "setting": setting, "train_args": SETTINGS[setting], "train_images": counts[0],
             "val_images": counts[1], "wall_seconds": round(seconds), "device": "cuda" if torch.cuda.is_available()
             else f"cpu ({torch.get_num_threads()} threads)", **metrics}
@@ -162,12 +153,12 @@ def main() -> int:
         print(f"error: {args.shared} not found: the recipe trains on ../shared/data", file=sys.stderr)
         return 2
     started = time.time()
-    train_count, val_count, counts = prepare(args.shared, args.work)
+    train_count, val_count = prepare(args.shared, args.work)
     print(f"data: {train_count} training and {val_count} validation images in {args.work}")
     save_dir = args.save_dir or ROOT / "save" / f"recipe-{args.setting}"
     out = args.out or (ROOT / "save" / "default" / "model.pth" if args.setting == "default" else save_dir / "model.pth")
     common = ["--data-dir", str(args.work), "--mask-dir", str(args.work / "masks"), "--save-dir", str(save_dir)]
-    settings = train_arguments(args.setting, counts, args.weights)
+    settings = train_arguments(args.setting, args.weights)
     if train.main(common + settings + ["--train-split", "train", "--val-split", "val"]) != 0:
         return 2
     best = save_dir / "best.pth"
