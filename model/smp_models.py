@@ -19,7 +19,7 @@ from torch import nn
 from model.deeplab_voc import VOCHead, head_state
 from model.deeplabv3plus import dilate_beyond_output_stride
 from model.pyramid_pooling import use_exportable_pyramid_pooling
-from utils.checkpoint import load_state_dict_file
+from utils.checkpoint import CheckpointError, load_state_dict_file
 from utils.classes import VOC_CLASSES
 from utils.distillation import teacher_groups
 
@@ -129,8 +129,16 @@ class UNetWithVOCHead(AnySizeModel):
 def load_voc_head(model: UNetWithVOCHead, path: str | os.PathLike, class_names: Sequence[str]) -> str:
     """DeepLab's VOC head from ``path`` into ``model.voc_head``, and each VOC class's logit passed
     to the model's class of the same name (VOC spellings mapped to COCO's); returns a log line."""
-    model.voc_head.load_state_dict(head_state(load_state_dict_file(path)))
-    groups = teacher_groups(VOC_CLASSES, class_names)
+    try:
+        model.voc_head.load_state_dict(head_state(load_state_dict_file(path)))
+    except RuntimeError as error:
+        raise CheckpointError(f"--voc-head {path} is not the DeepLabV3 MobileNetV2 VOC model: "
+                              f"{str(error).splitlines()[0]}") from error
+    try:
+        groups = teacher_groups(VOC_CLASSES, class_names)
+    except ValueError as error:
+        raise ValueError("--voc-head: none of the dataset's classes is a VOC class, so the VOC head "
+                         "would add nothing") from error
     with torch.no_grad():
         model.voc_to_classes.weight.zero_()
         for class_index, voc_index in enumerate(groups):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.models import mobilenet_v2 as torchvision_mobilenet_v2
 
 import predict
 import test as test_script
@@ -25,9 +26,10 @@ from model.encoder_weights import load_encoder_weights
 from model.predictor import Predictor
 from model.smp_models import load_voc_head
 from tests.synthetic_coco import make_training_root
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.classes import COCO_CLASSES, COCO_UNUSED_IDS, IGNORE_INDEX, VOC_CLASSES, VOC_TO_COCO_NAMES
 from utils.distillation import GroupedDistillation, teacher_groups
+from utils.training import TrainingError, check_options
 from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 ENCODER_RUN = ["--model", "smp_unet", "--encoder", "mobilenet_v2", "--encoder-output-stride", "16",
@@ -118,6 +120,28 @@ def test_voc_head_starts_the_model_at_deeplabs_answer(voc_weights):
         coco_index = COCO_CLASSES.index(VOC_TO_COCO_NAMES.get(name, name))
         torch.testing.assert_close(student[:, coco_index], teacher[:, voc_index], atol=1e-4, rtol=1e-4)
     assert student[:, COCO_CLASSES.index("truck")].abs().max() == 0
+
+
+def test_a_wrong_voc_head_file_is_named_in_one_line(tmp_path):
+    model = build_model("smp_unet", num_classes=91, encoder="mobilenet_v2", encoder_output_stride=16, voc_head=True)
+    imagenet_like = tmp_path / "mobilenet_v2.pth"
+    torch.save(torchvision_mobilenet_v2().state_dict(), imagenet_like)
+    with pytest.raises(CheckpointError, match=f"--voc-head {imagenet_like} is not the DeepLabV3") as caught:
+        load_voc_head(model, str(imagenet_like), COCO_CLASSES)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_voc_head_for_classes_voc_does_not_know_is_refused(voc_weights):
+    model = build_model("smp_unet", num_classes=3, encoder="mobilenet_v2", encoder_output_stride=16, voc_head=True)
+    with pytest.raises(ValueError, match="--voc-head: none of the dataset's classes is a VOC class"):
+        load_voc_head(model, str(voc_weights), ["background", "flood", "road"])
+
+
+def test_a_voc_head_without_its_encoder_is_refused(voc_weights):
+    options = ["--model", "smp_unet", "--encoder-output-stride", "16", "--voc-head", str(voc_weights)]
+    with pytest.raises(TrainingError, match="--voc-head needs the encoder it was trained on"):
+        check_options(train.parse_args(options))
+    check_options(train.parse_args([*options, "--encoder-weights", str(voc_weights)]))
 
 
 def test_voc_head_needs_the_dilated_mobilenet():

@@ -265,6 +265,10 @@ def check_options(args: argparse.Namespace) -> None:
         raise TrainingError("--encoder-weights and --freeze-encoder-epochs need an encoder model (--model smp_...)")
     if (args.encoder_output_stride != 32 or args.voc_head) and args.model != "smp_unet":
         raise TrainingError("--encoder-output-stride 16 and --voc-head are offered for --model smp_unet only")
+    if args.voc_head and not args.encoder_weights:
+        # The VOC head reads the encoder's block-17 features: behind a random encoder it reads noise.
+        raise TrainingError("--voc-head needs the encoder it was trained on: add --encoder-weights "
+                            "with the same DeepLab file")
     if (chosen_unet_variants(args) or args.transposed) and args.model != "unet":
         raise TrainingError("--padding-mode, --dropout, --activation and --transposed are options of "
                             "--model unet only")
