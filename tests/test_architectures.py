@@ -13,11 +13,12 @@ from PIL import Image
 from torchvision.models import mobilenet_v2, resnet18
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
+import train
 from model import MODELS, build_model, load_pretrained, main_logits, model_meta
 from model.deeplabv3plus import DeepLabV3Plus
 from model.predictor import Predictor
 from utils.checkpoint import save_checkpoint
-from utils.training import compute_loss
+from utils.training import TrainingError, check_options, compute_loss
 from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 NUM_CLASSES = 3
@@ -211,3 +212,10 @@ def test_smp_models_pad_odd_inputs_to_their_encoder_stride(arch, stride):
         logits = model(torch.randn(1, 3, *ODD_SIZE))
     assert logits.shape == (1, NUM_CLASSES, *ODD_SIZE)
     assert padded_sizes == [tuple(math.ceil(side / stride) * stride for side in ODD_SIZE)]
+
+
+@pytest.mark.parametrize("arch", ["deeplabv3plus_xception", "deeplabv3_mobilenet_v3_large"])
+def test_models_with_batchnorm_after_global_pooling_refuse_a_batch_of_one(arch):
+    with pytest.raises(TrainingError, match="cannot train on one image per batch"):
+        check_options(train.parse_args(["--model", arch, "--batch-size", "1"]))
+    check_options(train.parse_args(["--model", arch, "--batch-size", "2"]))

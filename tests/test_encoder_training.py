@@ -24,7 +24,7 @@ from model import build_model, model_meta
 from model.deeplab_voc import DeepLabV3VOC, load_voc_teacher
 from model.encoder_weights import load_encoder_weights
 from model.predictor import Predictor
-from model.smp_models import load_voc_head
+from model.smp_models import AnySizeModel, load_voc_head
 from tests.synthetic_coco import make_training_root
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.classes import COCO_CLASSES, COCO_UNUSED_IDS, IGNORE_INDEX, VOC_CLASSES, VOC_TO_COCO_NAMES
@@ -120,6 +120,18 @@ def test_voc_head_starts_the_model_at_deeplabs_answer(voc_weights):
         coco_index = COCO_CLASSES.index(VOC_TO_COCO_NAMES.get(name, name))
         torch.testing.assert_close(student[:, coco_index], teacher[:, voc_index], atol=1e-4, rtol=1e-4)
     assert student[:, COCO_CLASSES.index("truck")].abs().max() == 0
+
+
+def test_with_its_mapping_at_zero_the_voc_head_model_is_smps_own_unet():
+    """UNetWithVOCHead.encode walks MobileNetV2's blocks itself to tap block 17 as well: its
+    features must stay the ones SMP's encoder hands its decoder (an SMP upgrade could move them)."""
+    torch.manual_seed(0)
+    model = build_model("smp_unet", num_classes=5, encoder="mobilenet_v2", encoder_output_stride=16,
+                        voc_head=True).eval()
+    images = torch.randn(1, 3, 70, 100)
+    with torch.no_grad():
+        assert model.voc_to_classes.weight.abs().max() == 0
+        torch.testing.assert_close(model(images), AnySizeModel.forward(model, images))
 
 
 def test_a_wrong_voc_head_file_is_named_in_one_line(tmp_path):
