@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.models import mobilenet_v2 as torchvision_mobilenet_v2
 
 import test as test_script
 import train
@@ -113,6 +114,10 @@ def test_pretrained_weights_refuse_it(hostile, coco_root, tmp_path, capsys):
 def test_encoder_head_and_teacher_weights_refuse_it(hostile, coco_root, tmp_path, capsys, option):
     path, marker = hostile
     encoder_model = ["--model", "smp_unet", "--encoder", "mobilenet_v2", "--encoder-output-stride", "16"]
+    if option != "--encoder-weights":  # the VOC head needs its encoder: a harmless one, so the hostile file is reached
+        harmless = tmp_path / "mobilenet_v2.pth"
+        torch.save(torchvision_mobilenet_v2().state_dict(), harmless)
+        encoder_model += ["--encoder-weights", str(harmless)]
     assert train.main(train_args(coco_root, tmp_path / "save") + encoder_model + [option, str(path)]) == 2
     err = capsys.readouterr().err
     assert "cannot load weights" in err and "Traceback" not in err
