@@ -1,7 +1,16 @@
-"""Turning an upload into a safe RGB image, or a clear error with the right HTTP status."""
+"""Turning an upload into a safe RGB image, or a clear error with the right HTTP status.
+
+Only the photo formats of the page and the README are ever opened: JPEG (with MPO, the
+multi-picture JPEG of some cameras), PNG, WebP, GIF, BMP and TIFF.  Pillow knows about 40 more
+formats, several of which unpack without a size limit or hand the file to another program
+(FITS, ICNS, EPS through Ghostscript); those never reach a decoder.  Memory is bounded by the
+pixel limit, checked on the header before any pixel is decoded and again on what was decoded;
+only the first frame of an animation is decoded.
+"""
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 from flask import Request
@@ -9,7 +18,13 @@ from PIL import Image, UnidentifiedImageError
 
 from utils.fileio import to_rgb
 
-IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow's JPEG opener also reads MPO
+ACCEPTED_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# What the decoders of the accepted formats raise on a malformed file: beyond OSError, some
+# plugins read past the end of a truncated header (EOFError, struct.error) or index a table
+# the file promised but did not carry.
+DECODER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError)
 
 
 class UploadError(Exception):
@@ -36,24 +51,44 @@ def upload_bytes(request: Request) -> bytes:
     return data
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode ``data`` into RGB, checking the pixel count from the header before decoding pixels."""
+def looks_accepted(data: bytes) -> bool:
+    """True when ``data`` starts like one of the accepted formats (so a failure means corrupt)."""
+    return data.startswith(SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def open_accepted(data: bytes) -> Image.Image:
+    """The image's header, read by the plugins of the accepted formats only."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UploadError(f"image too large: {error}", 413) from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        if data.startswith(IMAGE_SIGNATURES) or data[8:12] == b"WEBP":
+    except UnidentifiedImageError as error:
+        if looks_accepted(data):
             raise UploadError("the image is corrupt or truncated (its header cannot be read)") from error
-        raise UploadError("not an image we can read (send a JPEG, PNG, WebP, GIF, BMP or TIFF)") from error
+        raise UploadError(f"not an image format we read: send a {ACCEPTED_NAMES} file", 415) from error
+    except DECODER_ERRORS as error:
+        raise UploadError(f"the image is corrupt or truncated ({error})") from error
+
+
+def check_pixels(image: Image.Image, max_pixels: int) -> None:
     width, height = image.size
     if width * height > max_pixels:
         raise UploadError(f"image too large: {width}x{height} pixels is over the limit of {max_pixels:,}", 413)
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode ``data`` into RGB: the pixel count is checked from the header before any pixel is
+    decoded, and on the decoded image before it is converted."""
+    image = open_accepted(data)
+    check_pixels(image, max_pixels)
     try:
-        image.seek(0)  # animations: the first frame
+        image.seek(0)  # animations: the first frame only
         image.load()
+        check_pixels(image, max_pixels)  # a plugin may only learn the real size while decoding
         return to_rgb(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:
+        raise UploadError(f"image too large: {error}", 413) from error
+    except DECODER_ERRORS as error:
         raise UploadError(f"the image is corrupt or truncated ({error})") from error

@@ -229,8 +229,8 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 @pytest.mark.parametrize("data,name,status,message", [
-    (b"hello, this is text", "notes.txt", 400, "not an image"),
-    (b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n", "doc.pdf", 400, "not an image"),
+    (b"hello, this is text", "notes.txt", 415, "not an image"),
+    (b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n", "doc.pdf", 415, "not an image"),
     (encoded(photo(200, 200))[:600], "cut.jpg", 400, "corrupt or truncated"),
     (encoded(photo(200, 200), "PNG")[:300], "cut.png", 400, "corrupt or truncated"),
     (png_header_only(30000, 30000), "bomb.png", 413, "too large"),
@@ -289,7 +289,7 @@ def test_unusual_images_are_converted_not_rejected(client, data, size):
 
 def test_page_shows_readable_errors(client):
     response = post_file(client, b"plain text", url="/", name="a.txt")
-    assert response.status_code == 400
+    assert response.status_code == 415
     html = response.data.decode()
     assert 'id="error"' in html and "not an image" in html and "Traceback" not in html
 
@@ -425,7 +425,7 @@ def test_responses_match_the_openapi_document(make_client, monkeypatch):
     exchanges += [
         ("/results/{name}", "get", client.get("/results/AAAAAAAAAAAAAAAAAAAAAA.png")),
         ("/json", "post", client.post("/json?rle=2", data=small, headers=token)),
-        ("/json", "post", post_file(client, b"text", headers=token)),
+        ("/json", "post", post_file(client, b"text", headers=token)),  # 415
         ("/json", "post", post_file(client, small)),
         ("/json", "post", post_file(client, encoded(photo(200, 200), "PNG"), headers=token)),
         ("/healthz", "get", client.get("/healthz")),
@@ -436,7 +436,7 @@ def test_responses_match_the_openapi_document(make_client, monkeypatch):
     monkeypatch.setattr(client.application.extensions["segmenter"], "segment", lambda image: 1 / 0)
     exchanges.append(("/json", "post", post_file(client, small, headers=token)))
     statuses = {(path, method, response.status_code) for path, method, response in exchanges}
-    assert {s for _, _, s in statuses} == {200, 400, 401, 404, 413, 500, 503}
+    assert {s for _, _, s in statuses} == {200, 400, 401, 404, 413, 415, 500, 503}
     for path, method, response in exchanges:
         check_against_openapi(document, path, method, response)
     described = {(path, method) for path, item in document["paths"].items() for method in item}

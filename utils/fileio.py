@@ -47,22 +47,37 @@ class ImageReadError(ValueError):
     """The file is not an image we can read."""
 
 
+EXIF_ORIENTATION = 0x0112
+ROWS_PER_BAND = 256  # 16-bit images are scaled to 8 bits a band of rows at a time: bounded temporaries
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image (EXIF-rotated, palette, alpha, CMYK, 16-bit, grayscale) as 8-bit RGB."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: scale to 8 bits rather than clipping at 255.
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.max() > 255 else 255.0
-        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8))
+    """Any PIL image (EXIF-rotated, palette, alpha, CMYK, 16-bit, grayscale) as 8-bit RGB.
+
+    Memory matters here (uploads of up to tens of megapixels): an RGB image that needs no
+    rotation is returned as it is, and no step holds more than one full-size copy beside the input.
+    """
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = scaled_to_8_bits(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
+        on_white = Image.new("RGB", image.size, (255, 255, 255))
+        on_white.paste(image, mask=image.getchannel("A"))
+        return on_white
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
-EXIF_ORIENTATION = 0x0112
+def scaled_to_8_bits(image: Image.Image) -> Image.Image:
+    """16/32-bit or float grayscale scaled to 8 bits by its peak (rather than clipped at 255)."""
+    array = np.asarray(image)
+    peak = max(float(array.max()), 255.0)
+    scaled = np.empty(array.shape, dtype=np.uint8)
+    for start in range(0, array.shape[0], ROWS_PER_BAND):
+        band = array[start:start + ROWS_PER_BAND].astype(np.float64)
+        scaled[start:start + ROWS_PER_BAND] = np.clip(band * (255.0 / peak), 0, 255)
+    return Image.fromarray(scaled)
 
 
 def displayed_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -78,7 +93,9 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.seek(0)  # first frame of animations
-            return to_rgb(image)
+            image.load()
+            rgb = to_rgb(image)
+            return rgb.copy() if rgb is image else rgb  # closing the file frees the image it opened
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ImageReadError(f"cannot read image {path}: {error}") from error
 
