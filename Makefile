@@ -13,7 +13,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 # The service on the shipped default model (save/default/model.pth), at http://127.0.0.1:8000/
 # SEG_CHECKPOINT=... serves another checkpoint; SEG_BIND=0.0.0.0:8000 listens on every interface.
 run: $(STAMP)
-	SEG_BIND=$${SEG_BIND:-127.0.0.1:8000} $(VENV)/bin/gunicorn -c app/gunicorn.conf.py "app:create_app()"
+	$(VENV)/bin/gunicorn -c app/gunicorn.conf.py "app:create_app()"
 
 # Flask's development server, one process.
 dev: $(STAMP)

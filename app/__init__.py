@@ -6,7 +6,7 @@ from pathlib import Path
 
 from flask import Flask
 
-from app import settings
+from app import security, settings
 from app.segmenter import Segmenter
 
 
@@ -22,6 +22,7 @@ def create_app(config: dict | None = None) -> Flask:
     from app import routes
     app.register_blueprint(routes.blueprint)
     routes.register_error_handlers(app)
+    security.init_app(app)
     if not app.logger.handlers or app.logger.level == logging.NOTSET:
         app.logger.setLevel(logging.INFO)
     return app

@@ -2,7 +2,7 @@
 
 Each worker builds its own app and loads the model after the fork (post_worker_init), so
 the parent never touches torch or CUDA.  Tune with the environment:
-SEG_BIND (0.0.0.0:8000), SEG_WORKERS (2), SEG_THREADS_PER_WORKER (2 request threads),
+SEG_BIND (127.0.0.1:8000: this machine only), SEG_WORKERS (2), SEG_THREADS_PER_WORKER (2 request threads),
 SEG_THREADS (torch threads per worker; default: every core),
 SEG_PRECISION (auto | fp32 | bf16), SEG_COMPILE (1: torch.compile at worker start).
 The defaults are the best setting measured by bench/serve.py (see bench/README.md).
@@ -10,7 +10,7 @@ The defaults are the best setting measured by bench/serve.py (see bench/README.m
 import os
 import sys
 
-bind = os.environ.get("SEG_BIND", "0.0.0.0:8000")
+bind = os.environ.get("SEG_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("SEG_WORKERS", "2"))
 threads = int(os.environ.get("SEG_THREADS_PER_WORKER", "2"))
 # Every worker may use every core: a request spends about 40% of its time outside the network
@@ -26,6 +26,16 @@ accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("SEG_LOG_LEVEL", "info")
 preload_app = False  # the model must load in each worker, after the fork
+
+
+def when_ready(server) -> None:
+    """Say so, loudly, when strangers on the network can use the service without a token."""
+    from app.security import is_loopback_bind
+
+    open_binds = [address for address in server.cfg.bind if not is_loopback_bind(address)]
+    if open_binds and not os.environ.get("SEG_API_TOKEN"):
+        server.log.warning("listening on %s with no SEG_API_TOKEN: anyone who can reach this address can use the "
+                           "service; set SEG_API_TOKEN, or bind 127.0.0.1 behind a proxy", ", ".join(open_binds))
 
 
 def post_worker_init(worker) -> None:

@@ -7,10 +7,14 @@ kept and pruned together.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import secrets
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +27,26 @@ from utils.fileio import atomic_path
 SUFFIXES = {"overlay": ".jpg", "photo": ".photo.jpg", "mask": ".png", "json": ".json"}
 NAME_PATTERN = re.compile(r"^([A-Za-z0-9_-]{22})(\.jpg|\.photo\.jpg|\.png|\.json)$")
 MEDIA_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".json": "application/json"}
+# What one result may take on disk, per pixel of the photo: two JPEGs of noise-like photos take up
+# to ~3 bytes a pixel each, the class-id PNG and the RLE JSON of a fragmented map up to ~1 each.
+BYTES_PER_PIXEL_BOUND = 8
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class ResultsFull(Exception):
+    """The results folder's disk has no room for another result."""
+
+
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def ensure_room(folder: Path, pixels: int, reserve: int) -> None:
+    """Raise ``ResultsFull`` unless the disk has room for a result of ``pixels`` plus ``reserve`` bytes."""
+    needed = pixels * BYTES_PER_PIXEL_BOUND + reserve
+    if free_bytes(folder) < needed:
+        raise ResultsFull(f"the server's disk is too full to store this result (it needs {needed:,} bytes free); "
+                          "try again later")
 
 
 def is_result_name(name: str) -> bool:
@@ -60,28 +84,57 @@ class ResultFiles:
         with atomic_path(self.path("json")) as tmp:
             tmp.write_text(text, encoding="utf-8")
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[ResultFiles]:
+        """Write the files of this result inside the block: should one fail, none is left."""
+        try:
+            yield self
+        except BaseException as error:
+            for kind in SUFFIXES:
+                self.path(kind).unlink(missing_ok=True)
+            if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+                raise ResultsFull("the server's disk is full: the result could not be stored; try again later") \
+                    from error
+            raise
 
-def prune_results(folder: Path, keep: int, max_age_s: int) -> int:
-    """Delete whole results beyond the newest ``keep`` or older than ``max_age_s``; returns how many.
 
-    A result is dated by its overlay, which is written first: one stat per result rather than per
-    file keeps this at ~2 ms for 500 results.  Files whose overlay is gone are what is left of a
-    result another worker is pruning, and go too.
+def prune_results(folder: Path, keep: int, max_age_s: int, max_bytes: int, current: str | None = None) -> int:
+    """Delete whole results beyond the newest ``keep``, older than ``max_age_s`` or past ``max_bytes``
+    in all (oldest go first); never ``current``, the result just written.  Returns how many went.
+
+    A result is dated by its overlay, which is written first.  Files whose overlay is gone are
+    what is left of a result another worker is pruning, and go too.
     """
     names: dict[str, list[str]] = {}
+    sizes: dict[str, int] = {}
     with os.scandir(folder) as entries:
         for entry in entries:
             match = NAME_PATTERN.fullmatch(entry.name)
             if match:
                 names.setdefault(match[1], []).append(entry.name)
+                sizes[match[1]] = sizes.get(match[1], 0) + stat_size(entry)
     written = {result: modified(folder / (result + SUFFIXES["overlay"])) for result in names}
     now = time.time()
-    ranked = sorted(names, key=written.__getitem__, reverse=True)
-    doomed = [result for rank, result in enumerate(ranked) if rank >= keep or now - written[result] > max_age_s]
+    ranked = sorted(names, key=lambda result: (result == current, written[result]), reverse=True)
+    doomed, kept_bytes, full = [], 0, False
+    for rank, result in enumerate(ranked):
+        full = full or (result != current and kept_bytes + sizes[result] > max_bytes)  # older ones go too
+        if result != current and (full or rank >= keep or now - written[result] > max_age_s):
+            doomed.append(result)
+        else:
+            kept_bytes += sizes[result]
     for result in doomed:
         for name in names[result]:
             (folder / name).unlink(missing_ok=True)
     return len(doomed)
+
+
+def stat_size(entry: os.DirEntry) -> int:
+    """The entry's size, or 0 when another worker has just removed it."""
+    try:
+        return entry.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def modified(path: Path) -> float:

@@ -1,7 +1,6 @@
 """HTTP routes: the upload page, the JSON API, result images, health and model information."""
 from __future__ import annotations
 
-import hmac
 from pathlib import Path
 
 from flask import (
@@ -17,11 +16,12 @@ from flask import (
     send_from_directory,
     url_for,
 )
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, SecurityError
 
 from app.api_options import ApiOptions, parse_api_options
 from app.coco_rle import class_rles
-from app.results import ResultFiles, is_result_name, media_type, prune_results
+from app.results import ResultFiles, ResultsFull, ensure_room, is_result_name, media_type, prune_results
+from app.security import result_access_ok, token_ok, url_signature
 from app.segmenter import Segmentation, Segmenter
 from app.uploads import UploadError, decode_image, upload_bytes
 from utils.classes import palette
@@ -34,52 +34,54 @@ def segmenter() -> Segmenter:
 
 
 def wants_json() -> bool:
-    return request.path.startswith(("/json", "/api", "/healthz", "/readyz"))
+    return request.path.startswith(("/json", "/api", "/healthz", "/readyz", "/results"))
 
 
-def token_ok() -> bool:
-    """True when no token is configured or the request carries it (compared in constant time)."""
-    token = current_app.config["API_TOKEN"]
-    if not token:
-        return True
-    header = request.headers.get("Authorization", "")
-    given = header[7:] if header.startswith("Bearer ") else ""
-    return hmac.compare_digest(given.encode(), token.encode())
+def token_refused() -> tuple[Response, int, dict]:
+    response = jsonify(error="missing or wrong API token (send 'Authorization: Bearer <token>')")
+    return response, 401, {"WWW-Authenticate": "Bearer"}
 
 
-def segment_upload(keep_photo: bool = False) -> tuple[Segmentation, ResultFiles]:
-    """Decode the request's image, segment it, store the overlay and the class ids (and the
-    photo when ``keep_photo``); returns the result and its files."""
-    image = decode_image(upload_bytes(request), current_app.config["MAX_PIXELS"])
+def segment_and_store(options: ApiOptions, keep_photo: bool = False) -> tuple[Segmentation, ResultFiles, str]:
+    """Decode the request's image, segment it and store the result (overlay, class ids, the API's
+    JSON and, when ``keep_photo``, the photo) all or nothing; then prune old results.  Returns the
+    result, its files and the API's answer."""
+    config = current_app.config
+    image = decode_image(upload_bytes(request), config["MAX_PIXELS"])
+    files = ResultFiles(Path(config["RESULTS_DIR"]))
+    ensure_room(files.folder, image.width * image.height, config["RESULTS_MIN_FREE_BYTES"])  # before the forward
     result = segmenter().segment(image)
-    files = ResultFiles(Path(current_app.config["RESULTS_DIR"]))
-    files.save_jpeg("overlay", result.overlay)  # first: pruning dates a result by its overlay
-    files.save_mask(result.class_map)
-    if keep_photo:
-        files.save_jpeg("photo", image)
-    return result, files
+    with files.writing():
+        files.save_jpeg("overlay", result.overlay)  # first: pruning dates a result by its overlay
+        files.save_mask(result.class_map)
+        if keep_photo:
+            files.save_jpeg("photo", image)
+        answer = api_answer(result, files, options)
+        files.save_json(answer)
+    prune_results(files.folder, config["RESULTS_KEEP"], config["RESULTS_MAX_AGE_S"], config["RESULTS_MAX_BYTES"],
+                  current=files.id)
+    return result, files, answer
 
 
 def result_url(files: ResultFiles, kind: str, external: bool = True) -> str:
-    """Absolute for API clients; the page links relatively, right behind any proxy."""
-    return url_for("main.result_file", name=files.name(kind), _external=external)
+    """Absolute for API clients; the page links relatively, right behind any proxy.  Signed when
+    the service has a token, so the URL alone fetches the file until the signature expires."""
+    name = files.name(kind)
+    return url_for("main.result_file", name=name, _external=external, **url_signature(name))
 
 
 def api_answer(result: Segmentation, files: ResultFiles, options: ApiOptions) -> str:
-    """The API's JSON for ``result``, stored as the result's JSON file too; then old results are pruned."""
+    """The API's JSON for ``result`` (also stored as the result's JSON file)."""
     classes = [entry for entry in result.classes if entry["area_ratio"] >= options.min_area_ratio]
     if options.rle:
         rles = class_rles(result.class_map, [entry["id"] for entry in classes])
         classes = [dict(entry, rle=rles[entry["id"]]) for entry in classes]
     described = segmenter().describe()
-    text = current_app.json.dumps({
+    return current_app.json.dumps({
         "classes": classes, "image_url": result_url(files, "overlay"), "mask_url": result_url(files, "mask"),
         "json_url": result_url(files, "json"), "width": result.width, "height": result.height,
         "inference_ms": result.inference_ms,
         "model": {"architecture": described["architecture"], "checkpoint": described["checkpoint"]}})
-    files.save_json(text)
-    prune_results(files.folder, current_app.config["RESULTS_KEEP"], current_app.config["RESULTS_MAX_AGE_S"])
-    return text
 
 
 def legend_rows(classes: list[dict], num_classes: int) -> list[dict]:
@@ -100,8 +102,7 @@ def page():
 def page_segment():
     if not (current_app.config["PAGE_PUBLIC"] or token_ok()):
         return render_page(url_for("main.page"), 401, error="this service needs an API token; use POST /json")
-    result, files = segment_upload(keep_photo=True)
-    api_answer(result, files, ApiOptions())  # the page's JSON download: what POST /json would answer
+    result, files, _ = segment_and_store(ApiOptions(), keep_photo=True)  # its JSON: what POST /json would answer
     urls = {f"{name}_url": result_url(files, kind, external=False)
             for name, kind in (("image", "overlay"), ("photo", "photo"), ("mask", "mask"), ("json", "json"))}
     legend = legend_rows(result.classes, len(segmenter().load().class_names))
@@ -116,20 +117,22 @@ def json_page():
 @blueprint.post("/json")
 def json_segment():
     if not token_ok():
-        response = jsonify(error="missing or wrong API token (send 'Authorization: Bearer <token>')")
-        return response, 401, {"WWW-Authenticate": "Bearer"}
+        return token_refused()
     options = parse_api_options(request.args)  # before the upload is read: a bad query costs nothing
-    result, files = segment_upload()
-    return Response(api_answer(result, files, options), mimetype="application/json")
+    _, _, answer = segment_and_store(options)
+    return Response(answer, mimetype="application/json")
 
 
 @blueprint.get("/results/<name>")
 def result_file(name: str):
     if not is_result_name(name):
         abort(404)
+    if not result_access_ok(name):
+        return token_refused()
     response = send_from_directory(Path(current_app.config["RESULTS_DIR"]).resolve(), name,
-                                   mimetype=media_type(name), max_age=3600)
-    response.headers["X-Content-Type-Options"] = "nosniff"  # a result is only ever what its name says
+                                   mimetype=media_type(name))
+    # A result holds the user's photo: no shared cache may keep it, and none may outlive pruning.
+    response.headers["Cache-Control"] = "private, no-store"
     return response
 
 
@@ -151,6 +154,8 @@ def readyz():
 
 @blueprint.get("/api/model")
 def model_info():
+    if not token_ok():  # it may load the model: no stranger should be able to make a worker do that
+        return token_refused()
     return jsonify(segmenter().describe())
 
 
@@ -166,6 +171,19 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(UploadError)
     def upload_error(error: UploadError):
         return respond(str(error), error.status)
+
+    @app.errorhandler(ResultsFull)
+    def results_full(error: ResultsFull):
+        app.logger.error("results not stored: %s", error)
+        return respond(str(error), 507)
+
+    @app.errorhandler(SecurityError)
+    def untrusted_host(error: SecurityError):
+        message = "the Host header names no host this service answers for (SEG_ALLOWED_HOSTS)"
+        if wants_json():
+            return jsonify(error=message), 400
+        # Plain text: a page would need URLs, and the only host to build them from is the one refused.
+        return message + "\n", 400, {"Content-Type": "text/plain; charset=utf-8"}
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):

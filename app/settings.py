@@ -25,6 +25,10 @@ def _choice(name: str, choices: tuple[str, ...], default: str) -> str:
     return raw
 
 
+def _hosts(name: str, default: str) -> list[str]:
+    return [host.strip() for host in (os.environ.get(name) or default).split(",") if host.strip()]
+
+
 def from_environment() -> dict:
     """Flask config keys for the service; see README 'Serving' for each variable."""
     threads = os.environ.get("SEG_THREADS")
@@ -33,6 +37,11 @@ def from_environment() -> dict:
         "RESULTS_DIR": os.environ.get("SEG_RESULTS_DIR") or str(ROOT / "save" / "results"),
         "RESULTS_KEEP": _int("SEG_RESULTS_KEEP", 500),
         "RESULTS_MAX_AGE_S": _int("SEG_RESULTS_MAX_AGE_S", 24 * 3600),
+        "RESULTS_MAX_BYTES": _int("SEG_RESULTS_MAX_BYTES", 2 * 1024**3),
+        "RESULTS_MIN_FREE_BYTES": _int("SEG_RESULTS_MIN_FREE_BYTES", 256 * 1024**2),
+        "RESULT_URL_TTL_S": _int("SEG_RESULT_URL_TTL_S", 3600),
+        # Flask answers 400 to any other Host header, so no URL the service makes names a forged host.
+        "TRUSTED_HOSTS": _hosts("SEG_ALLOWED_HOSTS", "localhost,127.0.0.1"),
         "MAX_CONTENT_LENGTH": _int("SEG_MAX_BYTES", 20 * 1024 * 1024),
         "MAX_PIXELS": _int("SEG_MAX_PIXELS", 40_000_000),
         "TORCH_THREADS": int(threads) if threads else None,

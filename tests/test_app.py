@@ -81,7 +81,8 @@ def test_json_shape_and_areas(client):
     assert Image.open(io.BytesIO(image.data)).size == (90, 70)
 
 
-def test_image_url_follows_the_request_host(client):
+def test_image_url_follows_an_allowed_request_host(make_client):
+    client = make_client(TRUSTED_HOSTS=["seg.example.org"])
     response = post_file(client, encoded(photo()), base_url="https://seg.example.org:8443")
     assert response.get_json()["image_url"].startswith("https://seg.example.org:8443/results/")
 
@@ -423,20 +424,26 @@ def test_responses_match_the_openapi_document(make_client, monkeypatch):
     exchanges += [("/results/{name}", "get", client.get(local(body[key])))
                   for key in ("image_url", "mask_url", "json_url")]
     exchanges += [
-        ("/results/{name}", "get", client.get("/results/AAAAAAAAAAAAAAAAAAAAAA.png")),
+        ("/results/{name}", "get", client.get("/results/AAAAAAAAAAAAAAAAAAAAAA.png", headers=token)),
+        ("/results/{name}", "get", client.get(local(body["mask_url"]).split("?")[0])),  # 401: no token, no signature
+        ("/json", "post", post_file(client, encoded(photo(40, 30), "PPM"), headers=token)),  # 415
         ("/json", "post", client.post("/json?rle=2", data=small, headers=token)),
-        ("/json", "post", post_file(client, b"text", headers=token)),  # 415
+        ("/json", "post", post_file(client, b"text", headers=token)),
         ("/json", "post", post_file(client, small)),
         ("/json", "post", post_file(client, encoded(photo(200, 200), "PNG"), headers=token)),
         ("/healthz", "get", client.get("/healthz")),
         ("/readyz", "get", client.get("/readyz")),
+        ("/api/model", "get", client.get("/api/model", headers=token)),
         ("/api/model", "get", client.get("/api/model")),
         ("/openapi.json", "get", client.get("/openapi.json")),
     ]
+    monkeypatch.setattr("app.results.free_bytes", lambda folder: 0)
+    exchanges.append(("/json", "post", post_file(client, small, headers=token)))  # 507
     monkeypatch.setattr(client.application.extensions["segmenter"], "segment", lambda image: 1 / 0)
+    monkeypatch.setattr("app.results.free_bytes", lambda folder: 10**12)
     exchanges.append(("/json", "post", post_file(client, small, headers=token)))
     statuses = {(path, method, response.status_code) for path, method, response in exchanges}
-    assert {s for _, _, s in statuses} == {200, 400, 401, 404, 413, 415, 500, 503}
+    assert {s for _, _, s in statuses} == {200, 400, 401, 404, 413, 415, 500, 503, 507}
     for path, method, response in exchanges:
         check_against_openapi(document, path, method, response)
     described = {(path, method) for path, item in document["paths"].items() for method in item}

@@ -87,7 +87,7 @@ def test_gunicorn_answers_concurrent_clients_correctly(served):
     assert all(status == 200 for status, _, _ in answers)
     assert all(area == expected for _, area, expected in answers)
     bad = requests.post(served + "/json", data=b"not an image", timeout=30)
-    assert bad.status_code == 400 and "error" in bad.json()
+    assert bad.status_code == 415 and "error" in bad.json()
 
 
 SCREENSHOTS = ROOT / "save" / "screenshots"
