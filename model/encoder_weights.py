@@ -83,16 +83,37 @@ def match_state(encoder: nn.Module, state: dict[str, torch.Tensor], source: str
     return matched, [key for key in own if key not in matched], unused
 
 
+def published_file(url: str) -> Path:
+    """torch.hub's cached copy of ``url``, downloaded once; checked against the sha256 prefix in
+    its file name (torchvision's ``name-<sha256 prefix>.pth``), whether just downloaded or found
+    in the cache, where a file replaced by anyone else would otherwise be loaded as it is."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    expected = torch.hub.HASH_REGEX.search(path.name)
+    if expected is None:
+        raise EncoderWeightsError(f"{url} names no sha256 prefix to check the download against")
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=expected[1], progress=True)  # to a temp file first
+    if not file_sha256(path).startswith(expected[1]):
+        raise EncoderWeightsError(f"{path} does not match the published sha256 ({expected[1]}...): delete it to "
+                                  "download it again")
+    return path
+
+
 def imagenet_state(encoder_name: str) -> dict[str, torch.Tensor]:
-    """torchvision's published ImageNet weights for ``encoder_name`` (downloaded once, then cached)."""
+    """torchvision's published ImageNet weights for ``encoder_name``: downloaded once, hash-checked,
+    loaded weights-only."""
     from torchvision.models import get_model_weights  # here: only this path may touch the network
 
-    weights = get_model_weights(encoder_name).DEFAULT
+    url = get_model_weights(encoder_name).DEFAULT.url
     try:
-        return weights.get_state_dict(progress=True)
+        path = published_file(url)
     except OSError as error:  # URLError and socket errors are OSErrors
         raise EncoderWeightsError(f"cannot download the ImageNet weights of {encoder_name} ({error}); offline, "
                                   "pass a local file: --encoder-weights FILE") from error
+    except RuntimeError as error:  # torch.hub's word for a download whose hash is wrong
+        raise EncoderWeightsError(f"the ImageNet weights of {encoder_name} from {url}: {error}") from error
+    return load_state_dict_file(path)
 
 
 def load_encoder_weights(model: nn.Module, source: str, encoder_name: str) -> EncoderWeightsReport:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import urllib.error
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from model.smp_models import ENCODERS
 from tests.conftest import SHARED_DATA, shared_weights
 from utils.checkpoint import CheckpointError, save_checkpoint
 from utils.classes import VOC_CLASSES
+from utils.fileio import file_sha256
 from utils.training import parameter_groups
 from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 
@@ -123,13 +126,78 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_imagenet_offline_says_to_pass_a_file(monkeypatch):
-    def offline(self, *args, **kwargs):
+@pytest.fixture()
+def hub(tmp_path, monkeypatch):
+    """torch.hub's cache in a temporary folder, and published weights named as this test says."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def publish(file_name: str) -> Path:
+        weights = SimpleNamespace(DEFAULT=SimpleNamespace(url=f"https://download.invalid/models/{file_name}"))
+        monkeypatch.setattr("torchvision.models.get_model_weights", lambda name: weights)
+        return tmp_path / "hub" / "checkpoints" / file_name
+    return publish
+
+
+def test_imagenet_offline_says_to_pass_a_file(hub, monkeypatch):
+    hub("mobilenet_v2-7ebf99e0.pth")
+
+    def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(MobileNet_V2_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(EncoderWeightsError, match="--encoder-weights FILE"):
         load_encoder_weights(unet(), "imagenet", "mobilenet_v2")
+
+
+def cache(path: Path, tensors: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tensors, path)
+
+
+def cache_under_its_hash(hub, tensors: dict, staging: Path) -> None:
+    """``tensors`` in the cache under a published name whose sha256 prefix is the file's own."""
+    cache(staging, tensors)
+    published = hub(f"mobilenet_v2-{file_sha256(staging)[:8]}.pth")
+    published.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(published)
+
+
+def test_published_weights_load_from_the_cache_when_their_hash_matches(hub, tmp_path):
+    encoder = unet().encoder.state_dict()
+    cache_under_its_hash(hub, encoder, tmp_path / "staged.pth")
+    report = load_encoder_weights(unet(), "imagenet", "mobilenet_v2")
+    assert report.loaded == len([key for key in encoder if not key.endswith("num_batches_tracked")])
+
+
+def test_a_cached_file_that_does_not_match_its_published_hash_is_refused(hub):
+    cached = hub("mobilenet_v2-7ebf99e0.pth")
+    cache(cached, unet().encoder.state_dict())  # any other file under the published name
+    with pytest.raises(EncoderWeightsError, match="does not match the published sha256 .7ebf99e0"):
+        load_encoder_weights(unet(), "imagenet", "mobilenet_v2")
+
+
+def test_a_cached_pickle_that_would_run_code_is_refused_even_with_a_matching_name(hub, tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    cache_under_its_hash(hub, {"features.0.0.weight": Payload()}, tmp_path / "staged.pth")
+    with pytest.raises(CheckpointError, match="cannot load weights"):
+        load_encoder_weights(unet(), "imagenet", "mobilenet_v2")
+    assert not marker.exists()
+
+
+def test_a_download_is_checked_against_the_published_hash(hub, monkeypatch):
+    hub("mobilenet_v2-7ebf99e0.pth")
+    asked = {}
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda url, dst, hash_prefix=None, progress=True: asked.update(hash_prefix=hash_prefix) or
+                        (_ for _ in ()).throw(RuntimeError(f'invalid hash value (expected "{hash_prefix}")')))
+    with pytest.raises(EncoderWeightsError, match="invalid hash value"):
+        load_encoder_weights(unet(), "imagenet", "mobilenet_v2")
+    assert asked == {"hash_prefix": "7ebf99e0"}
 
 
 def test_encoder_learns_at_a_fraction_of_the_decoder_rate():
