@@ -68,9 +68,11 @@ def free_port() -> int:
 
 
 class Service:
-    """gunicorn serving ``checkpoint`` with ``workers`` x ``threads``, stopped on exit."""
+    """gunicorn serving ``checkpoint`` with ``workers`` x ``threads``, stopped on exit; ``root``: the
+    checkout whose app it runs (another one compares versions)."""
 
-    def __init__(self, checkpoint: str, workers: int, threads: int, precision: str, results: Path) -> None:
+    def __init__(self, checkpoint: str, workers: int, threads: int, precision: str, results: Path,
+                 root: Path = ROOT) -> None:
         self.port = free_port()
         environment = dict(os.environ, SEG_CHECKPOINT=checkpoint, SEG_RESULTS_DIR=str(results),
                            SEG_BIND=f"127.0.0.1:{self.port}", SEG_WORKERS=str(workers), SEG_THREADS=str(threads),
@@ -79,7 +81,7 @@ class Service:
         self.loaded = 0
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "--access-logfile", "/dev/null",
-             "app:create_app()"], cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+             "app:create_app()"], cwd=root, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True)
         threading.Thread(target=self._count_loaded_workers, daemon=True).start()
 
