@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -245,13 +246,14 @@ def test_a_real_gunicorn_on_every_interface_says_so_in_its_log(checkpoint, tmp_p
                        SEG_BIND=f"0.0.0.0:{free_port()}", SEG_WORKERS="1", SEG_LOAD_MODEL_AT_START="0")
     environment.pop("SEG_API_TOKEN", None)
     process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "app:create_app()"],
-                               cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        lines = []
+                               cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    lines: list[str] = []
+    try:  # the master says it when ready, before it starts a worker
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any("Booting worker" in line for line in lines):
             lines.append(process.stderr.readline())
     finally:
-        process.terminate()
+        os.killpg(process.pid, signal.SIGKILL)  # master and worker: nothing of this server is needed any more
         process.wait(timeout=30)
     assert any("with no SEG_API_TOKEN: anyone who can reach this address" in line for line in lines), lines
