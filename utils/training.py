@@ -274,10 +274,23 @@ def check_options(args: argparse.Namespace) -> None:
                             "--model unet only")
 
 
-def set_encoder_trainable(model: nn.Module, trainable: bool) -> None:
+def set_encoder_trainable(model: nn.Module, trainable: bool) -> bool:
+    """Whether this changed which parameters learn."""
     encoder = getattr(model, "encoder", None)
-    if encoder is not None:
-        encoder.requires_grad_(trainable)
+    if encoder is None or all(p.requires_grad == trainable for p in encoder.parameters()):
+        return False
+    encoder.requires_grad_(trainable)
+    return True
+
+
+def distribute(model: nn.Module, context: distributed.Context) -> nn.Module:
+    """``model`` in DistributedDataParallel under torchrun, else itself.  DDP waits for a gradient
+    of every parameter that required one when it was built, so it is rebuilt whenever that set
+    changes (``--freeze-encoder-epochs``) rather than searching for unused ones at every step."""
+    if not context.distributed:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
 
 
 def prepare(args: argparse.Namespace) -> Run:
@@ -293,13 +306,10 @@ def prepare(args: argparse.Namespace) -> Run:
     val_loader = make_val_loader(args, context, bare_model)
     never_predict(bare_model, never_labelled_ids(class_names))
     bare_model = bare_model.to(context.device, memory_format=torch.channels_last)
-    model = bare_model
-    if context.distributed:
-        if context.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            bare_model = model
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+    if context.distributed and context.device.type == "cuda":
+        bare_model = nn.SyncBatchNorm.convert_sync_batchnorm(bare_model)
+    set_encoder_trainable(bare_model, args.freeze_encoder_epochs == 0)
+    model = distribute(bare_model, context)
     # A randomly initialised encoder has nothing to preserve: it learns at the decoder's rate.
     encoder_lr_factor = args.encoder_lr_factor if args.encoder_weights else 1.0
     optimizer = torch.optim.Adam(parameter_groups(bare_model, args.lr, encoder_lr_factor))
@@ -342,7 +352,11 @@ def resume(run: Run, path: Path) -> None:
     if "optimizer" not in checkpoint:
         raise CheckpointError(f"{path} has no training state to resume from")
     run.bare_model.load_state_dict(checkpoint["model"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as error:  # e.g. a checkpoint of a model that has since lost unused parameters
+        raise CheckpointError(f"{path}: its optimiser state does not fit this model ({error}); "
+                              "train again, or start from its weights with --weights") from error
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
     run.start_epoch = checkpoint["epoch"] + 1
@@ -392,7 +406,8 @@ def run_epoch(run: Run, epoch: int) -> dict:
     if isinstance(run.train_loader.sampler, DistributedSampler):
         run.train_loader.sampler.set_epoch(epoch)
     started = time.time()
-    set_encoder_trainable(run.bare_model, epoch > args.freeze_encoder_epochs)
+    if set_encoder_trainable(run.bare_model, epoch > args.freeze_encoder_epochs):
+        run.model = distribute(run.bare_model, context)
     row = {"epoch": epoch, "lr": f"{run.scheduler.get_last_lr()[0]:.3e}",
            "train_loss": round(train_one_epoch(run.model, run.train_loader, run.criterion, run.optimizer,
                                                run.scheduler, run.scaler, context, epoch, args.max_steps,
