@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,7 @@ class TrainingError(ValueError):
 
 
 LOG_FIELDS = ("epoch", "train_loss", "val_loss", "pixel_accuracy", "miou", "lr", "seconds")
+LOSS_SHOWN_EVERY = 20  # steps: reading the loss waits for the GPU, so the progress bar reads it rarely
 
 
 def compute_loss(criterion: nn.Module, outputs: torch.Tensor | dict, target: torch.Tensor) -> torch.Tensor:
@@ -86,11 +89,25 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
         scaler.update()
         scheduler.step()
         total += torch.stack([loss.detach().float(), torch.ones((), device=device)])
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if step % LOSS_SHOWN_EVERY == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
     distributed.all_reduce_sum(total)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
+@contextlib.contextmanager
+def cudnn_benchmark_off() -> Iterator[None]:
+    """cuDNN's autotuning pays off for the fixed-size crops of training; whole validation
+    images each have their own size, and it would tune again for every new one."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+@cudnn_benchmark_off()
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, context: distributed.Context,
              criterion: nn.Module | None = None, precision: str = "auto") -> tuple[ConfusionMatrix, float]:
@@ -358,7 +375,8 @@ def resume(run: Run, path: Path) -> None:
         raise CheckpointError(f"{path}: its optimiser state does not fit this model ({error}); "
                               "train again, or start from its weights with --weights") from error
     run.scheduler.load_state_dict(checkpoint["scheduler"])
-    run.scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["scaler"] and run.scaler.is_enabled():  # {} from a run without loss scaling
+        run.scaler.load_state_dict(checkpoint["scaler"])
     run.start_epoch = checkpoint["epoch"] + 1
     run.best_metric = checkpoint["best_metric"]
     run.last_metrics = checkpoint["meta"].get("metrics") or None
