@@ -17,6 +17,7 @@ from utils.checkpoint import CheckpointError
 from utils.cli import fail, setup_logging
 from utils.datasets import DatasetError, add_dataset_arguments
 from utils.evaluation import evaluate_checkpoint
+from utils.precision import PRECISIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="draw this many best and worst images by their mIoU into <save-dir>/best_worst")
     parser.add_argument("--save-predictions", metavar="DIR", help="also write each prediction as a class-id PNG")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32 (default: the figures a model card reports), auto (fp16 on CUDA), or bf16")
     return parser.parse_args(argv)
 
 

@@ -4,7 +4,8 @@ Each worker builds its own app and loads the model after the fork (post_worker_i
 the parent never touches torch or CUDA.  Tune with the environment:
 SEG_BIND (127.0.0.1:8000: this machine only), SEG_WORKERS (2), SEG_THREADS_PER_WORKER (2 request threads),
 SEG_THREADS (torch threads per worker; default: every core),
-SEG_PRECISION (auto | fp32 | bf16), SEG_COMPILE (1: torch.compile at worker start).
+SEG_PRECISION (auto | fp32 | bf16), SEG_COMPILE (1: torch.compile at worker start),
+SEG_DEVICE (cpu | cuda | cuda:i; default: worker i on GPU i mod n, see post_fork).
 The defaults are the best setting measured by bench/serve.py (see bench/README.md).
 """
 import os
@@ -36,6 +37,12 @@ def when_ready(server) -> None:
     if open_binds and not os.environ.get("SEG_API_TOKEN"):
         server.log.warning("listening on %s with no SEG_API_TOKEN: anyone who can reach this address can use the "
                            "service; set SEG_API_TOKEN, or bind 127.0.0.1 behind a proxy", ", ".join(open_binds))
+
+
+def post_fork(server, worker) -> None:
+    """Number the worker for app/settings.py's default device (GPU i mod n).  worker.age counts the
+    workers the arbiter has started, from 1, so a restarted worker takes the next GPU in turn."""
+    os.environ["SEG_WORKER_INDEX"] = str(worker.age - 1)
 
 
 def post_worker_init(worker) -> None:

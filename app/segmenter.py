@@ -27,8 +27,9 @@ class Segmenter:
     so gunicorn's parent never touches torch/CUDA before forking."""
 
     def __init__(self, checkpoint: str, threads: int | None = None, precision: str = "auto",
-                 compiled: bool = False) -> None:
+                 compiled: bool = False, device: str | None = None) -> None:
         self.checkpoint = checkpoint
+        self.device = device
         self.threads = threads
         self.precision = precision
         self.compiled = compiled
@@ -44,7 +45,7 @@ class Segmenter:
     def load(self) -> Predictor:
         with self._load_lock:
             if self._predictor is None:
-                self._predictor = Predictor.from_checkpoint(self.checkpoint, threads=self.threads,
+                self._predictor = Predictor.from_checkpoint(self.checkpoint, device=self.device, threads=self.threads,
                                                             precision=self.precision, compiled=self.compiled)
         return self._predictor
 

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+import torch
 
 from utils.precision import PRECISIONS
 
@@ -29,6 +32,19 @@ def _hosts(name: str, default: str) -> list[str]:
     return [host.strip() for host in (os.environ.get(name) or default).split(",") if host.strip()]
 
 
+def _device() -> str:
+    """SEG_DEVICE (cpu, cuda, cuda:i); by default gunicorn worker i (SEG_WORKER_INDEX, set by
+    app/gunicorn.conf.py's post_fork) takes GPU i mod n, and a host without a GPU the CPU."""
+    raw = os.environ.get("SEG_DEVICE")
+    gpus = torch.cuda.device_count()
+    if not raw:
+        return f"cuda:{_int('SEG_WORKER_INDEX', 0) % gpus}" if gpus else "cpu"
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", raw)
+    if not match or (raw != "cpu" and int(match.group(1) or 0) >= gpus):
+        raise SystemExit(f"SEG_DEVICE={raw!r} is not cpu or cuda[:i] of the {gpus} GPU(s) here")
+    return raw
+
+
 def from_environment() -> dict:
     """Flask config keys for the service; see README 'Serving' for each variable."""
     threads = os.environ.get("SEG_THREADS")
@@ -46,6 +62,7 @@ def from_environment() -> dict:
         "MAX_PIXELS": _int("SEG_MAX_PIXELS", 40_000_000),
         "TORCH_THREADS": int(threads) if threads else None,
         "PRECISION": _choice("SEG_PRECISION", PRECISIONS, "auto"),
+        "DEVICE": _device(),
         "COMPILE": os.environ.get("SEG_COMPILE", "0") == "1",
         "API_TOKEN": os.environ.get("SEG_API_TOKEN") or None,
         "PAGE_PUBLIC": os.environ.get("SEG_PAGE_PUBLIC", "0") == "1",

@@ -5,8 +5,9 @@ image is decoded, resized, normalised and decoded back in exactly one way.
 
 How the network runs (``Predictor.from_checkpoint`` options): always in channels_last memory;
 in fp32, or under bf16 autocast (CPUs with native bf16) / fp16 autocast (CUDA) when
-``precision="auto"`` and the checkpoint's accuracy guard passed (``<checkpoint>.guard.json``,
-written by tools/guard_precision.py), or when ``precision="bf16"`` asks for it.  ``compiled=True``
+``precision="auto"`` and the checkpoint's accuracy guard passed for that dtype on that device
+(``<checkpoint>.guard.json``, written by tools/guard_precision.py), or when ``precision="bf16"``
+or ``"fp16"`` (CUDA) asks for it.  ``compiled=True``
 adds torch.compile, compiled during loading; ``backend="onnxruntime"`` runs the exported ONNX
 graph instead (CPU, fp32).  bench/infer.py times each of these.
 """
@@ -30,13 +31,14 @@ from utils.checkpoint import load_checkpoint
 from utils.classes import palette
 from utils.fileio import to_rgb
 from utils.precision import PRECISIONS, cpu_supports_bf16
-from utils.precision_guard import bf16_allowed
+from utils.precision_guard import precision_allowed
 from utils.transforms import SIZE_MULTIPLE, padded_size
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PREDICTOR_PRECISIONS = (*PRECISIONS, "fp16")  # fp16: CUDA only, asked for by name
 PIXELS_PER_CHUNK = 4096  # softmax rows per step: 91 classes x 4096 x 4 bytes = 1.5 MB, about one core's L2
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # 1 x 3 x h x w input -> 1 x C x h x w logits
@@ -49,15 +51,20 @@ def pick_device(prefer: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def choose_precision(requested: str, device: torch.device, guard_passed: Callable[[], bool]) -> str:
-    """"fp32", "bf16" or "fp16": what the network runs in for ``requested`` ("auto", "fp32", "bf16").
+def choose_precision(requested: str, device: torch.device, guard_passed: Callable[[str], bool]) -> str:
+    """"fp32", "bf16" or "fp16": what the network runs in for ``requested`` (one of PREDICTOR_PRECISIONS).
 
     "auto" takes the reduced precision of the hardware (fp16 on CUDA, bf16 on CPUs with native
-    bf16) only when ``guard_passed()``: the checkpoint's fp32/bf16 comparison allowed it.  The
-    CPU never runs bf16 without native support, where it is emulated and slower than fp32.
+    bf16) only when ``guard_passed(that dtype)``: the checkpoint's comparison of fp32 with that
+    very dtype, on this kind of device, allowed it.  The CPU never runs bf16 without native
+    support, where it is emulated and slower than fp32.
     """
     if requested == "fp32":
         return "fp32"
+    if requested == "fp16":
+        if device.type != "cuda":
+            raise ValueError("fp16 runs on CUDA only; on the CPU use bf16 or fp32")
+        return "fp16"
     native = device.type == "cuda" or cpu_supports_bf16()
     if not native:
         if requested == "bf16":
@@ -65,9 +72,13 @@ def choose_precision(requested: str, device: torch.device, guard_passed: Callabl
         return "fp32"
     if requested == "bf16":
         return "bf16"
-    if not guard_passed():
-        return "fp32"
-    return "fp16" if device.type == "cuda" else "bf16"
+    reduced = "fp16" if device.type == "cuda" else "bf16"
+    return reduced if guard_passed(reduced) else "fp32"
+
+
+def guard_of(checkpoint: str | os.PathLike, device: torch.device) -> Callable[[str], bool]:
+    """Whether the checkpoint's verdict for a dtype on this kind of device passed."""
+    return lambda dtype: precision_allowed(checkpoint, device.type, dtype)
 
 
 def torch_forward(model: nn.Module, device: torch.device, precision: str) -> Forward:
@@ -118,6 +129,12 @@ def normalise(pixels: np.ndarray, mean: list[float], std: list[float], device: t
     return (planes * np.float32(1 / 255)).sub_(mean_planes).div_(std_planes)
 
 
+def rows_per_chunk(device: torch.device, rows: int) -> int:
+    """The CPU works through cache-sized chunks (measured faster there); a GPU takes every row in
+    one pass, where chunks would only mean many small kernel launches."""
+    return PIXELS_PER_CHUNK if device.type == "cpu" else max(1, rows)
+
+
 def top_class_and_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """C x H x W logits -> (H x W argmax, H x W softmax probability of that class)."""
     classes, height, width = logits.shape
@@ -126,8 +143,9 @@ def top_class_and_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.
     per_pixel = logits.permute(1, 2, 0).reshape(-1, classes)
     class_ids = torch.empty(per_pixel.shape[0], dtype=torch.int64, device=logits.device)
     confidence = torch.empty(per_pixel.shape[0], dtype=torch.float32, device=logits.device)
-    for start in range(0, per_pixel.shape[0], PIXELS_PER_CHUNK):
-        rows = slice(start, start + PIXELS_PER_CHUNK)
+    chunk = rows_per_chunk(logits.device, per_pixel.shape[0])
+    for start in range(0, per_pixel.shape[0], chunk):
+        rows = slice(start, start + chunk)
         torch.max(torch.softmax(per_pixel[rows], dim=1, dtype=torch.float32), dim=1,
                   out=(confidence[rows], class_ids[rows]))
     return class_ids.view(height, width), confidence.view(height, width)
@@ -168,11 +186,12 @@ class Predictor:
         """Load ``path`` and run one warm-up prediction, so the first real request is not the slow one.
 
         ``precision``: "auto" (bf16/fp16 where the hardware has it and the checkpoint's precision
-        guard passed, else fp32), "fp32" or "bf16".  ``compiled``: torch.compile the network (its
-        cost is paid here, in the warm-up).  ``backend``: "torch" or "onnxruntime" (CPU, fp32).
+        guard passed for it, else fp32), "fp32", "bf16" or "fp16" (CUDA only).  ``compiled``:
+        torch.compile the network (its cost is paid here, in the warm-up).  ``backend``: "torch" or
+        "onnxruntime" (CPU, fp32).
         """
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        if precision not in PREDICTOR_PRECISIONS:
+            raise ValueError(f"precision must be one of {PREDICTOR_PRECISIONS}, not {precision!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         if threads is not None:
@@ -183,7 +202,7 @@ class Predictor:
         if backend == "onnxruntime":
             predictor = cls.on_onnxruntime(model, checkpoint["meta"], device, precision)
         else:
-            chosen = choose_precision(precision, device, lambda: bf16_allowed(path))
+            chosen = choose_precision(precision, device, guard_of(path, device))
             predictor = cls(model, checkpoint["meta"], device, chosen)
             if compiled:
                 predictor.forward = compiled_forward(predictor.model, device, chosen)

@@ -14,6 +14,9 @@ from pathlib import Path
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from segmentation_models_pytorch.encoders.mobilenet import MobileNetV2Encoder
+from segmentation_models_pytorch.encoders.resnet import ResNetEncoder
+from segmentation_models_pytorch.encoders.vgg import VGGEncoder
 from torch import nn
 
 from model.deeplab_voc import VOCHead, head_state
@@ -26,6 +29,7 @@ from utils.distillation import teacher_groups
 ENCODERS = ("mobilenet_v2", "resnet18", "resnet34", "resnet50", "vgg16_bn")
 DILATABLE_ENCODERS = ("mobilenet_v2",)  # output stride 16 as DeepLab trained it (see dilate_encoder)
 MOBILENET_SPATIAL_BLOCKS = 18  # features[18] is a 1x1 convolution: nothing to dilate
+PSPNET_DEPTH = 3  # SMP's PSPNet reads the encoder's third stage (stride 8)
 
 
 def dilate_encoder(encoder: nn.Module, output_stride: int) -> None:
@@ -53,6 +57,8 @@ class AnySizeModel(nn.Module):
         super().__init__()
         self.net = net
         self.encoder_batchnorm_frozen = False
+        self.removed_keys: frozenset[str] = frozenset()
+        self.register_load_state_dict_pre_hook(drop_removed_keys)
 
     @property
     def encoder(self) -> nn.Module:
@@ -80,6 +86,28 @@ class AnySizeModel(nn.Module):
         height, width = images.shape[-2:]
         logits = self.net(pad_to_multiple(images, self.encoder.output_stride))
         return logits[..., :height, :width]
+
+
+def drop_removed_keys(module: AnySizeModel, state_dict: dict, prefix: str, *_) -> None:
+    """A load_state_dict pre-hook: state dicts saved before the model lost ``removed_keys`` still
+    load strictly, because exactly those keys are dropped; any other mismatch still fails."""
+    for key in module.removed_keys:
+        state_dict.pop(prefix + key, None)
+
+
+def drop_stages_beyond(encoder: nn.Module, depth: int) -> None:
+    """Remove the encoder stages deeper than ``depth``.  SMP keeps them, and MobileNetV2 and VGG
+    even run part of them before discarding the result: they cost time, and DistributedDataParallel
+    waits forever for the gradients they never get."""
+    if isinstance(encoder, ResNetEncoder):
+        for stage in range(depth, 5):  # layer k runs only at depth k + 1 and deeper
+            delattr(encoder, f"layer{stage}")
+    elif isinstance(encoder, MobileNetV2Encoder):  # its first feature is the input itself
+        encoder.features = encoder.features[: encoder._out_indexes[depth - 1] + 1]
+    elif isinstance(encoder, VGGEncoder):
+        encoder.features = encoder.features[: encoder._out_indexes[depth] + 1]
+    else:
+        raise ValueError(f"no rule for cutting {type(encoder).__name__} to {depth} stages")
 
 
 class UNetWithVOCHead(AnySizeModel):
@@ -188,9 +216,13 @@ def smp_fpn(num_classes: int, encoder: str = "mobilenet_v2") -> AnySizeModel:
 def smp_pspnet(num_classes: int, encoder: str = "mobilenet_v2") -> AnySizeModel:
     """SMP's PSPNet over ``encoder``'s first three stages (a stride-8 map), pyramid-pooled and
     upsampled by 8; inputs are padded to a multiple of 8.  Its pyramid pooling is rewritten so
-    that the ONNX export is right at every size (model/pyramid_pooling.py)."""
-    model = over_encoder(smp.PSPNet, num_classes, encoder)
+    that the ONNX export is right at every size (model/pyramid_pooling.py).  The deeper stages are
+    not kept; checkpoints saved with them still load."""
+    model = over_encoder(smp.PSPNet, num_classes, encoder, encoder_depth=PSPNET_DEPTH)
     use_exportable_pyramid_pooling(model.net)
+    before = set(model.state_dict())
+    drop_stages_beyond(model.encoder, PSPNET_DEPTH)
+    model.removed_keys = frozenset(before - set(model.state_dict()))
     return model
 
 

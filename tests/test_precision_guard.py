@@ -19,10 +19,10 @@ from utils.coco_convert import convert
 from utils.precision_guard import (
     MAX_MIOU_DROP_POINTS,
     MIN_AGREEMENT,
-    bf16_allowed,
     compare_precisions,
     guard_path,
     passes,
+    precision_allowed,
     read_guard,
     write_guard,
 )
@@ -86,7 +86,7 @@ def test_the_command_records_a_passing_verdict_that_makes_auto_serve_bf16(tmp_pa
 
     assert guard_command(checkpoint, coco_val) == 0
 
-    record = json.loads(guard_path(checkpoint).read_text())
+    record = json.loads(guard_path(checkpoint).read_text())["verdicts"]["cpu/bf16"]
     assert record["images"] == 5 and record["agreement"] == 1.0
     assert record["miou_drop_points"] == pytest.approx(0.0)
     assert record["ok"] is True and read_guard(checkpoint) == record
@@ -100,14 +100,14 @@ def test_a_failing_verdict_keeps_auto_on_fp32(tmp_path, native_bf16):
     record = write_guard(checkpoint, {"agreement": 0.99, "miou_fp32": 0.5, "miou_bf16": 0.5,
                                       "miou_drop_points": 0.0, "images": 1, "pixels": 100})
     assert record["ok"] is False
-    assert not bf16_allowed(checkpoint)
+    assert not precision_allowed(checkpoint)
     assert Predictor.from_checkpoint(checkpoint, device="cpu").precision == "fp32"
 
 
 def test_a_verdict_for_another_checkpoint_is_ignored(tmp_path, coco_val, native_bf16):
     checkpoint = decisive_checkpoint(tmp_path / "model.pth")
     assert guard_command(checkpoint, coco_val, "--limit", "2") == 0
-    assert bf16_allowed(checkpoint)
+    assert precision_allowed(checkpoint)
 
     make_checkpoint(checkpoint, class_names=list(COCO_CLASSES), base_width=2)  # retrained to the same path
 
@@ -118,7 +118,7 @@ def test_a_verdict_for_another_checkpoint_is_ignored(tmp_path, coco_val, native_
 def test_an_unreadable_record_is_no_verdict(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "model.pth")
     guard_path(checkpoint).write_text("{not json")
-    assert read_guard(checkpoint) is None and not bf16_allowed(checkpoint)
+    assert read_guard(checkpoint) is None and not precision_allowed(checkpoint)
 
 
 def test_the_command_refuses_a_dataset_with_other_classes_in_one_line(tmp_path, coco_val, native_bf16, capsys):
@@ -142,3 +142,46 @@ def test_bf16_class_maps_match_fp32_where_the_network_is_decisive(tmp_path, nati
     maps = [Predictor.from_checkpoint(checkpoint, device="cpu", precision=precision).predict(Image.fromarray(image))
             for precision in ("fp32", "bf16")]
     np.testing.assert_array_equal(maps[0].class_map, maps[1].class_map)
+
+
+FIGURES = {"agreement": 1.0, "miou_fp32": 0.5, "miou_drop_points": 0.0, "images": 1, "pixels": 100}
+
+
+def test_each_device_and_dtype_has_its_own_verdict(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "model.pth")
+    write_guard(checkpoint, dict(FIGURES, miou_bf16=0.5))
+    assert precision_allowed(checkpoint, "cpu", "bf16") and not precision_allowed(checkpoint, "cuda", "fp16")
+    write_guard(checkpoint, dict(FIGURES, agreement=0.9, miou_fp16=0.4), "cuda", "fp16")
+    assert precision_allowed(checkpoint, "cpu", "bf16")  # kept beside the new one
+    assert read_guard(checkpoint, "cuda", "fp16")["miou_fp16"] == 0.4
+    assert not precision_allowed(checkpoint, "cuda", "fp16")
+    # CUDA's "auto" reads the cuda/fp16 verdict, never the CPU's bf16 one.
+    cuda = torch.device("cuda")
+    assert model.predictor.choose_precision("auto", cuda, model.predictor.guard_of(checkpoint, cuda)) == "fp32"
+    write_guard(checkpoint, dict(FIGURES, miou_fp16=0.5), "cuda", "fp16")
+    assert model.predictor.choose_precision("auto", cuda, model.predictor.guard_of(checkpoint, cuda)) == "fp16"
+
+
+def test_a_record_from_before_verdicts_per_device_is_the_cpu_bf16_verdict(tmp_path, native_bf16):
+    checkpoint = make_checkpoint(tmp_path / "model.pth")
+    write_guard(checkpoint, dict(FIGURES, miou_bf16=0.5))
+    verdict = read_guard(checkpoint)
+    legacy = dict(verdict, checkpoint_sha256=json.loads(guard_path(checkpoint).read_text())["checkpoint_sha256"])
+    guard_path(checkpoint).write_text(json.dumps(legacy))  # the layout the shipped model's record has
+    assert read_guard(checkpoint) == verdict and read_guard(checkpoint, "cuda", "fp16") is None
+    assert Predictor.from_checkpoint(checkpoint, device="cpu").precision == "bf16"
+
+
+def test_the_command_refuses_fp16_on_the_cpu_and_cuda_without_a_gpu_in_one_line(tmp_path, coco_val, capsys):
+    checkpoint = make_checkpoint(tmp_path / "model.pth")
+    assert guard_command(checkpoint, coco_val, "--dtype", "fp16") == 2
+    assert capsys.readouterr().err.strip() == "error: fp16 is served on CUDA only: judge the CPU with --dtype bf16"
+    if not torch.cuda.is_available():
+        assert guard_command(checkpoint, coco_val, "--device", "cuda", "--dtype", "fp16") == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_fp16_is_asked_for_on_cuda_only():
+    with pytest.raises(ValueError, match="fp16 runs on CUDA only"):
+        model.predictor.choose_precision("fp16", torch.device("cpu"), lambda dtype: True)
+    assert model.predictor.choose_precision("fp16", torch.device("cuda"), lambda dtype: False) == "fp16"

@@ -203,11 +203,11 @@ def test_overlay_refuses_a_class_map_of_another_size():
 ])
 def test_choose_precision_follows_hardware_guard_and_request(monkeypatch, requested, device, native, guard, expected):
     monkeypatch.setattr(model.predictor, "cpu_supports_bf16", lambda: native)
-    assert choose_precision(requested, torch.device(device), lambda: guard) == expected
+    assert choose_precision(requested, torch.device(device), lambda dtype: guard) == expected
 
 
 def test_the_guard_is_not_read_when_it_cannot_change_the_choice(monkeypatch):
-    def unreadable() -> bool:
+    def unreadable(dtype: str) -> bool:
         raise AssertionError("guard consulted")
     monkeypatch.setattr(model.predictor, "cpu_supports_bf16", lambda: False)
     assert choose_precision("auto", torch.device("cpu"), unreadable) == "fp32"

@@ -88,3 +88,22 @@ def test_resume_restores_model_optimiser_schedule_and_epoch(prepared, tmp_path):
     one_step(saved)
     one_step(fresh)
     assert_same(fresh.bare_model.state_dict(), saved.bare_model.state_dict(), "model after a step")
+
+
+def test_resume_skips_the_empty_scaler_state_of_a_run_without_loss_scaling(prepared, tmp_path):
+    """A CPU, fp32 or bf16 run saves the disabled scaler's {}; a CUDA fp16 resume must not load it."""
+    train_two_epochs(prepared())
+    fresh = prepared()
+    fresh.scaler = torch.amp.GradScaler("cpu", init_scale=8.0, enabled=True)  # as on CUDA with fp16
+    resume(fresh, tmp_path / "last.pth")
+    assert fresh.scaler.get_scale() == 8.0 and fresh.start_epoch == 3
+
+
+def test_resume_restores_an_enabled_scaler(prepared, tmp_path):
+    saved = prepared()
+    saved.scaler = torch.amp.GradScaler("cpu", init_scale=4.0, enabled=True)
+    train_two_epochs(saved)
+    fresh = prepared()
+    fresh.scaler = torch.amp.GradScaler("cpu", init_scale=8.0, enabled=True)
+    resume(fresh, tmp_path / "last.pth")
+    assert fresh.scaler.get_scale() == saved.scaler.get_scale() != 8.0

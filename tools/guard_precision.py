@@ -1,11 +1,13 @@
-"""Measure whether a checkpoint may be served in bf16, and record the verdict beside it.
+"""Measure whether a checkpoint may be served in a reduced precision, and record the verdict beside it.
 
     python tools/guard_precision.py --checkpoint save/default/model.pth --data-dir data/default \\
-        --mask-dir data/default/masks --val-split val
+        --mask-dir data/default/masks --val-split val                 # cpu/bf16
+    python tools/guard_precision.py ... --device cuda --dtype fp16     # cuda/fp16, on a GPU
 
-Runs the predictor in fp32 and in bf16 over the validation images (each as the service sees
-it), prints the pixel agreement of the two class maps and both mIoUs, and writes
-``<checkpoint>.guard.json``.  The service's "auto" precision uses bf16 only when that record
+Runs the predictor in fp32 and in the reduced dtype on the device over the validation images
+(each as the service sees it), prints the pixel agreement of the two class maps and both mIoUs,
+and records the verdict for that device and dtype in ``<checkpoint>.guard.json``.  The service's
+"auto" precision uses bf16 on the CPU, fp16 on CUDA, only when the verdict for exactly that
 belongs to the checkpoint and says ok: agreement >= 99.5% and mIoU drop <= 0.2 points.
 """
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -26,6 +30,7 @@ from utils.precision_guard import (  # noqa: E402
     MIN_AGREEMENT,
     compare_precisions,
     guard_path,
+    verdict_key,
     write_guard,
 )
 
@@ -41,41 +46,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-split", default="val2017", help="image/mask sub-folder to compare on")
     parser.add_argument("--limit", type=int, default=None, help="compare on the first N images only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the verdict holds")
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16",
+                        help="the reduced precision to judge (bf16 on the CPU; fp16, what CUDA serves, or bf16)")
     args = parser.parse_args(argv)
     args.train_split = args.val_split  # build_dataset names both splits; only "val" is read
     return args
 
 
-def load_pair(checkpoint: str, threads: int | None) -> tuple[Predictor, Predictor]:
-    fp32 = Predictor.from_checkpoint(checkpoint, device="cpu", threads=threads, precision="fp32")
-    bf16 = Predictor.from_checkpoint(checkpoint, device="cpu", threads=threads, precision="bf16")
-    if bf16.precision != "bf16":
+def load_pair(args: argparse.Namespace) -> tuple[Predictor, Predictor]:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise GuardError("--device cuda: no CUDA device on this machine")
+    if (args.device, args.dtype) == ("cpu", "fp16"):
+        raise GuardError("fp16 is served on CUDA only: judge the CPU with --dtype bf16")
+    fp32, reduced = (Predictor.from_checkpoint(args.checkpoint, device=args.device, threads=args.threads,
+                                               precision=precision) for precision in ("fp32", args.dtype))
+    if reduced.precision != args.dtype:
         raise GuardError("this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 is never served here")
-    return fp32, bf16
+    return fp32, reduced
 
 
 def run(args: argparse.Namespace) -> dict:
-    fp32, bf16 = load_pair(args.checkpoint, args.threads)
+    fp32, reduced = load_pair(args)
     dataset = build_dataset(args, "val")
     if dataset.num_classes != fp32.num_classes:
         raise GuardError(f"the checkpoint has {fp32.num_classes} classes but the dataset {dataset.num_classes}")
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     samples = (dataset.load(index) for index in range(count))
     figures = compare_precisions(lambda image: fp32.predict(image).class_map,
-                                 lambda image: bf16.predict(image).class_map, samples, fp32.num_classes)
-    return write_guard(args.checkpoint, figures)
+                                 lambda image: reduced.predict(image).class_map, samples, fp32.num_classes,
+                                 args.dtype)
+    return write_guard(args.checkpoint, figures, args.device, args.dtype)
 
 
 def optional(value: float | None, digits: int) -> str:
     return "undefined" if value is None else f"{value:.{digits}f}"
 
 
-def report(record: dict, checkpoint: str) -> str:
-    return (f"{record['images']} images, {record['pixels']:,} pixels\n"
-            f"argmax agreement fp32 vs bf16: {record['agreement']:.4%} (needs >= {MIN_AGREEMENT:.1%})\n"
-            f"mIoU fp32 {optional(record['miou_fp32'], 4)}, bf16 {optional(record['miou_bf16'], 4)}: drop "
+def report(record: dict, checkpoint: str, device: str, dtype: str) -> str:
+    return (f"{record['images']} images, {record['pixels']:,} pixels, {verdict_key(device, dtype)}\n"
+            f"argmax agreement fp32 vs {dtype}: {record['agreement']:.4%} (needs >= {MIN_AGREEMENT:.1%})\n"
+            f"mIoU fp32 {optional(record['miou_fp32'], 4)}, {dtype} {optional(record[f'miou_{dtype}'], 4)}: drop "
             f"{optional(record['miou_drop_points'], 3)} points (needs <= {MAX_MIOU_DROP_POINTS})\n"
-            f"verdict: {'bf16 allowed' if record['ok'] else 'fp32 only'} (written to {guard_path(checkpoint)})")
+            f"verdict: {f'{dtype} allowed on {device}' if record['ok'] else 'fp32 only'} "
+            f"(written to {guard_path(checkpoint)})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         record = run(args)
     except (DatasetError, CheckpointError, GuardError) as error:
         return fail(error)
-    print(report(record, args.checkpoint))
+    print(report(record, args.checkpoint, args.device, args.dtype))
     return 0
 
 

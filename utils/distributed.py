@@ -30,11 +30,13 @@ def setup(device: str | None = None) -> Context:
     if "RANK" not in os.environ:
         return Context(device=torch.device(device or ("cuda" if cuda else "cpu")))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return Context(dist.get_rank(), dist.get_world_size(),
-                   torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+    gpu = torch.device("cuda", local_rank) if cuda else None
+    if gpu is not None:
+        torch.cuda.set_device(gpu)
+    if not dist.is_initialized():  # tests/ddp_matrix.py runs many trainings in one group
+        # device_id binds the group to this process's GPU now, so NCCL never has to guess it later.
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=gpu)
+    return Context(dist.get_rank(), dist.get_world_size(), gpu or torch.device("cpu"))
 
 
 def cleanup() -> None:

@@ -57,14 +57,14 @@ PredictionSink = Callable[[int, np.ndarray, np.ndarray], None]
 
 @torch.inference_mode()
 def confusion_over(model: torch.nn.Module, loader: DataLoader, num_classes: int, context: distributed.Context,
-                   sinks: list[PredictionSink] = ()) -> ConfusionMatrix:
+                   sinks: list[PredictionSink] = (), precision: str = "fp32") -> ConfusionMatrix:
     """Confusion matrix of ``model`` over ``loader`` (reduced over ranks); each image's
     prediction and truth, cropped to its own size, go to every ``sink(index, prediction, truth)``."""
     matrix = ConfusionMatrix(num_classes, device=context.device)
     dataset = loader.dataset
     for (images, masks), indices in zip(loader, loader.batch_sampler, strict=True):
         images = images.to(context.device).contiguous(memory_format=torch.channels_last)
-        with autocast(context.device):
+        with autocast(context.device, precision):
             predictions = main_logits(model(images)).argmax(1)
         matrix.update(masks.to(context.device), predictions)
         if sinks:
@@ -112,17 +112,17 @@ class PerImageScores:
 
 @torch.inference_mode()
 def full_resolution_prediction(model: torch.nn.Module, dataset: PairedDataset, index: int,
-                               device: torch.device) -> np.ndarray:
+                               device: torch.device, precision: str = "fp32") -> np.ndarray:
     """The model's class map for one evaluation image, cropped to the image."""
     image, _ = dataset[index]
-    with autocast(device):
+    with autocast(device, precision):
         logits = main_logits(model(image[None].to(device).contiguous(memory_format=torch.channels_last)))
     height, width = dataset.image_size(index)
     return logits.argmax(1)[0, :height, :width].cpu().numpy()
 
 
 def draw_ranked(model: torch.nn.Module, dataset: PairedDataset, scores: dict[int, float], count: int,
-                folder: Path, device: torch.device) -> None:
+                folder: Path, device: torch.device, precision: str = "fp32") -> None:
     """image | truth | prediction for the ``count`` best and worst images by their mIoU."""
     ranked = sorted(scores, key=scores.get)
     chosen = {"worst": ranked[:count], "best": ranked[::-1][:count]}
@@ -130,7 +130,7 @@ def draw_ranked(model: torch.nn.Module, dataset: PairedDataset, scores: dict[int
     for label, indices in chosen.items():
         for place, index in enumerate(indices, 1):
             image, truth = dataset.load(index)
-            prediction = full_resolution_prediction(model, dataset, index, device)
+            prediction = full_resolution_prediction(model, dataset, index, device, precision)
             panel = panels(Image.fromarray(image), truth, prediction, dataset.class_names)
             name = f"{label}_{place:02d}_{dataset.pairs[index][0].stem}_miou{scores[index]:.3f}.jpg"
             with atomic_path(folder / name) as tmp:
@@ -160,17 +160,18 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         per_image = PerImageScores(meta["num_classes"])
         sinks = [per_image] + ([class_map_writer(dataset, Path(args.save_predictions))]
                                if args.save_predictions else [])
-        log.info("evaluating %s (%s) on %d images, %d process(es), device %s", args.checkpoint, meta["arch"],
-                 len(dataset), context.world_size, context.device)
-        matrix = confusion_over(model, loader, meta["num_classes"], context, sinks)
+        log.info("evaluating %s (%s) on %d images, %d process(es), device %s, precision %s", args.checkpoint,
+                 meta["arch"], len(dataset), context.world_size, context.device, args.precision)
+        matrix = confusion_over(model, loader, meta["num_classes"], context, sinks, args.precision)
         scores = per_image.gathered()
-        report = dict(matrix.compute(), checkpoint=str(args.checkpoint), images=len(dataset),
+        report = dict(matrix.compute(), checkpoint=str(args.checkpoint), images=len(dataset), precision=args.precision,
                       class_names=meta["class_names"], confusion_matrix=matrix.matrix.cpu().tolist())
         if context.is_main:
             save_dir = Path(args.save_dir)
             write_report(report, save_dir)
             write_per_image(dataset, scores, save_dir)
-            draw_ranked(model, dataset, scores, args.rank_images, save_dir / "best_worst", context.device)
+            draw_ranked(model, dataset, scores, args.rank_images, save_dir / "best_worst", context.device,
+                        args.precision)
         return report
     finally:
         distributed.cleanup()

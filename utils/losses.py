@@ -61,7 +61,8 @@ class CrossEntropy(nn.Module):
             denominator = valid.sum()
         else:
             denominator = self.weight[torch.where(valid, target, 0)][valid].sum()
-        return total / denominator.clamp(min=1e-12) if denominator > 0 else total * 0
+        # No weight, no pixel: total is then exactly 0, so the clamp gives 0 without a host sync.
+        return total / denominator.clamp(min=1e-12)
 
 
 def cross_entropy_loss(weight: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> nn.Module:
@@ -87,9 +88,9 @@ class DiceLoss(nn.Module):
         sizes = probabilities.sum(dims) + one_hot.sum(dims)
         dice = (2 * overlap + self.smooth) / (sizes + self.smooth)
         present = one_hot.sum(dims) > 0
-        if not present.any():
-            return logits.sum() * 0  # all ignored: zero, still attached to the graph
-        return 1 - dice[present].mean()
+        mean_dice = (dice * present).sum() / present.sum().clamp(min=1)
+        # Masked, not branched on: a truth test on a tensor waits for the GPU.  All ignored gives 0.
+        return (1 - mean_dice) * present.any()
 
 
 class CrossEntropyDiceLoss(nn.Module):

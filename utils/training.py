@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,7 @@ class TrainingError(ValueError):
 
 
 LOG_FIELDS = ("epoch", "train_loss", "val_loss", "pixel_accuracy", "miou", "lr", "seconds")
+LOSS_SHOWN_EVERY = 20  # steps: reading the loss waits for the GPU, so the progress bar reads it rarely
 
 
 def compute_loss(criterion: nn.Module, outputs: torch.Tensor | dict, target: torch.Tensor) -> torch.Tensor:
@@ -86,11 +89,25 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
         scaler.update()
         scheduler.step()
         total += torch.stack([loss.detach().float(), torch.ones((), device=device)])
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if step % LOSS_SHOWN_EVERY == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
     distributed.all_reduce_sum(total)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
+@contextlib.contextmanager
+def cudnn_benchmark_off() -> Iterator[None]:
+    """cuDNN's autotuning pays off for the fixed-size crops of training; whole validation
+    images each have their own size, and it would tune again for every new one."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+@cudnn_benchmark_off()
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, context: distributed.Context,
              criterion: nn.Module | None = None, precision: str = "auto") -> tuple[ConfusionMatrix, float]:
@@ -274,10 +291,23 @@ def check_options(args: argparse.Namespace) -> None:
                             "--model unet only")
 
 
-def set_encoder_trainable(model: nn.Module, trainable: bool) -> None:
+def set_encoder_trainable(model: nn.Module, trainable: bool) -> bool:
+    """Whether this changed which parameters learn."""
     encoder = getattr(model, "encoder", None)
-    if encoder is not None:
-        encoder.requires_grad_(trainable)
+    if encoder is None or all(p.requires_grad == trainable for p in encoder.parameters()):
+        return False
+    encoder.requires_grad_(trainable)
+    return True
+
+
+def distribute(model: nn.Module, context: distributed.Context) -> nn.Module:
+    """``model`` in DistributedDataParallel under torchrun, else itself.  DDP waits for a gradient
+    of every parameter that required one when it was built, so it is rebuilt whenever that set
+    changes (``--freeze-encoder-epochs``) rather than searching for unused ones at every step."""
+    if not context.distributed:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
 
 
 def prepare(args: argparse.Namespace) -> Run:
@@ -293,13 +323,10 @@ def prepare(args: argparse.Namespace) -> Run:
     val_loader = make_val_loader(args, context, bare_model)
     never_predict(bare_model, never_labelled_ids(class_names))
     bare_model = bare_model.to(context.device, memory_format=torch.channels_last)
-    model = bare_model
-    if context.distributed:
-        if context.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            bare_model = model
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+    if context.distributed and context.device.type == "cuda":
+        bare_model = nn.SyncBatchNorm.convert_sync_batchnorm(bare_model)
+    set_encoder_trainable(bare_model, args.freeze_encoder_epochs == 0)
+    model = distribute(bare_model, context)
     # A randomly initialised encoder has nothing to preserve: it learns at the decoder's rate.
     encoder_lr_factor = args.encoder_lr_factor if args.encoder_weights else 1.0
     optimizer = torch.optim.Adam(parameter_groups(bare_model, args.lr, encoder_lr_factor))
@@ -342,9 +369,14 @@ def resume(run: Run, path: Path) -> None:
     if "optimizer" not in checkpoint:
         raise CheckpointError(f"{path} has no training state to resume from")
     run.bare_model.load_state_dict(checkpoint["model"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as error:  # e.g. a checkpoint of a model that has since lost unused parameters
+        raise CheckpointError(f"{path}: its optimiser state does not fit this model ({error}); "
+                              "train again, or start from its weights with --weights") from error
     run.scheduler.load_state_dict(checkpoint["scheduler"])
-    run.scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["scaler"] and run.scaler.is_enabled():  # {} from a run without loss scaling
+        run.scaler.load_state_dict(checkpoint["scaler"])
     run.start_epoch = checkpoint["epoch"] + 1
     run.best_metric = checkpoint["best_metric"]
     run.last_metrics = checkpoint["meta"].get("metrics") or None
@@ -392,7 +424,8 @@ def run_epoch(run: Run, epoch: int) -> dict:
     if isinstance(run.train_loader.sampler, DistributedSampler):
         run.train_loader.sampler.set_epoch(epoch)
     started = time.time()
-    set_encoder_trainable(run.bare_model, epoch > args.freeze_encoder_epochs)
+    if set_encoder_trainable(run.bare_model, epoch > args.freeze_encoder_epochs):
+        run.model = distribute(run.bare_model, context)
     row = {"epoch": epoch, "lr": f"{run.scheduler.get_last_lr()[0]:.3e}",
            "train_loss": round(train_one_epoch(run.model, run.train_loader, run.criterion, run.optimizer,
                                                run.scheduler, run.scaler, context, epoch, args.max_steps,

@@ -1,0 +1,104 @@
+"""Train several configurations a few steps each under one torchrun launch (tests/test_ddp_matrix.py).
+
+    torchrun --nproc_per_node=2 -m tests.ddp_matrix OUT.json WEIGHTS.pth NAME... -- TRAIN_OPTIONS...
+
+Each configuration goes through train.py's own set-up and epochs (``prepare``, ``run_epoch``),
+all in one process group (a gloo group cannot be joined again once left); rank 0 writes, per
+name, the epoch rows, whether every rank ended with the same parameters, and which epochs
+changed the encoder's.  An error is recorded
+and the next configuration runs: a configuration that DDP refuses fails on every rank alike.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import train
+from utils import distributed
+from utils.fileio import write_text
+from utils.training import Run, prepare, run_epoch
+
+
+def configurations(weights: str, class_counts: str) -> dict[str, list[str]]:
+    """Every registry architecture, and every option that changes which parameters learn (PSPNet over
+    VGG is left to tests/test_pspnet_stages.py, which checks that every parameter gets a gradient)."""
+    voc = ["--encoder-output-stride", "16", "--encoder-weights", weights]
+    small = ["--base-width", "4"]
+    return {
+        "unet": ["--model", "unet", *small],
+        "segnet": ["--model", "segnet", *small],
+        "deeplabv3plus_mobilenetv2": ["--model", "deeplabv3plus_mobilenetv2"],
+        "deeplabv3plus_xception": ["--model", "deeplabv3plus_xception"],
+        "smp_unet": ["--model", "smp_unet"],
+        "smp_fpn": ["--model", "smp_fpn"],
+        "smp_pspnet": ["--model", "smp_pspnet"],
+        "smp_pspnet_resnet18": ["--model", "smp_pspnet", "--encoder", "resnet18"],
+        "deeplabv3_resnet50": ["--model", "deeplabv3_resnet50"],
+        "deeplabv3_resnet101": ["--model", "deeplabv3_resnet101"],
+        "deeplabv3_mobilenet_v3_large": ["--model", "deeplabv3_mobilenet_v3_large"],
+        "fcn_resnet50": ["--model", "fcn_resnet50"],
+        "fcn_resnet101": ["--model", "fcn_resnet101"],
+        "lraspp_mobilenet_v3_large": ["--model", "lraspp_mobilenet_v3_large"],
+        "deeplabv3_mobilenet_v3_large_aux": ["--model", "deeplabv3_mobilenet_v3_large", "--aux-loss"],
+        "fcn_resnet50_aux": ["--model", "fcn_resnet50", "--aux-loss"],
+        "smp_unet_frozen_encoder": ["--model", "smp_unet", "--encoder-weights", weights,
+                                    "--freeze-encoder-epochs", "1", "--epochs", "2"],
+        "smp_unet_voc_head_distill": ["--model", "smp_unet", *voc, "--voc-head", weights, "--distill-from", weights],
+        "unet_class_weights": ["--model", "unet", *small, "--class-weights", class_counts, "--loss", "ce"],
+        "unet_class_weights_focal": ["--model", "unet", *small, "--class-weights", class_counts],
+    }
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for parameter in model.parameters():
+        digest.update(parameter.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def encoder_state(run: Run) -> list[torch.Tensor] | None:
+    encoder = getattr(run.bare_model, "encoder", None)
+    return None if encoder is None else [p.detach().clone() for p in encoder.parameters()]
+
+
+def train_configuration(argv: list[str]) -> dict:
+    run = prepare(train.parse_args(argv))
+    rows, encoder_changed = [], []
+    for epoch in range(1, run.args.epochs + 1):
+        before = encoder_state(run)
+        rows.append(run_epoch(run, epoch))
+        after = encoder_state(run)
+        if before is not None:
+            encoder_changed.append(any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)))
+    digests: list[str] = [""] * run.context.world_size
+    dist.all_gather_object(digests, parameter_digest(run.bare_model))
+    return {"rows": rows, "world_size": run.context.world_size, "same_on_every_rank": len(set(digests)) == 1,
+            "encoder_changed": encoder_changed}
+
+
+def main(argv: list[str]) -> int:
+    out, weights, class_counts, *rest = argv
+    split = rest.index("--")
+    names, common = rest[:split], rest[split + 1:]
+    known = configurations(weights, class_counts)
+    results = {}
+    try:
+        for name in names:
+            try:
+                results[name] = train_configuration(common + known[name])
+            except Exception as error:  # recorded for the test to report; the next configuration still runs
+                results[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+            if os.environ.get("RANK", "0") == "0":  # after each one, so a hang still leaves what ran
+                write_text(out, json.dumps(results, indent=1))
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

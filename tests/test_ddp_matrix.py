@@ -1,0 +1,60 @@
+"""Every registry architecture, and every option that changes which parameters learn, trains under
+torchrun (2 processes, gloo): one launch of tests/ddp_matrix.py runs them all a few steps each."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import MODELS
+from model.deeplab_voc import DeepLabV3VOC
+from tests.conftest import ROOT
+from tests.ddp_matrix import configurations
+from tests.synthetic_coco import make_training_root
+
+NAMES = list(configurations("weights", "counts"))
+EPOCHS = {"smp_unet_frozen_encoder": 2}
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory) -> dict:
+    root = make_training_root(tmp_path_factory.mktemp("ddp"), num_images=8, size=(40, 48), seed=2, max_objects=3)
+    torch.manual_seed(0)
+    weights = root / "voc.pth"  # random, in the DeepLab file's layout: an encoder, a VOC head, a teacher
+    torch.save({k.removeprefix("head."): v for k, v in DeepLabV3VOC().state_dict().items()}, weights)
+    out = root / "matrix.json"
+    common = ["--data-dir", str(root), "--mask-dir", str(root / "masks"), "--save-dir", str(root / "save"),
+              "--train-split", "train2017", "--val-split", "train2017", "--crop-size", "32", "--batch-size", "2",
+              "--workers", "0", "--device", "cpu", "--epochs", "1", "--max-steps", "2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "tests.ddp_matrix", str(out), str(weights), str(root / "masks" / "train2017" / "conversion.json"),
+               *NAMES, "--", *common]
+    # One thread each: two processes share the cores, and more threads would only wait on each other.
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0 and out.exists(), result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_the_matrix_covers_every_registry_architecture():
+    covered = {configurations("w", "c")[name][1] for name in NAMES}
+    assert covered == set(MODELS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_trains_under_torchrun_with_the_same_weights_on_every_rank(matrix, name):
+    result = matrix[name]
+    assert "error" not in result, result["error"]
+    assert result["world_size"] == 2
+    assert [row["epoch"] for row in result["rows"]] == list(range(1, EPOCHS.get(name, 1) + 1))
+    assert all(math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]) for row in result["rows"])
+    assert result["same_on_every_rank"]
+
+
+def test_a_frozen_encoder_learns_only_after_its_epochs(matrix):
+    assert matrix["smp_unet_frozen_encoder"]["encoder_changed"] == [False, True]
