@@ -47,8 +47,10 @@ demo-convert: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# A test process per core; whole files per process, so module fixtures (a trained model, a
+# server) are built once.
 test: $(STAMP) lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --dist loadfile
 
 clean:
 	rm -rf save/demo .pytest_cache

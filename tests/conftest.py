@@ -1,15 +1,22 @@
 """Shared fixtures: synthetic COCO data made per session, and the optional ../shared data."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.synthetic_coco import SyntheticCoco, make_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SHARED_WEIGHTS = ROOT.parent / "shared" / "weights"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per test process: the suite runs a process per core (pytest -n auto), and
+    # two processes of two threads each on two cores would only preempt each other.
+    torch.set_num_threads(1)
 
 
 def shared_dataset(name: str) -> Path:
