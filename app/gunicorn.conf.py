@@ -8,6 +8,7 @@ SEG_PRECISION (auto | fp32 | bf16), SEG_COMPILE (1: torch.compile at worker star
 SEG_DEVICE (cpu | cuda | cuda:i; default: worker i on GPU i mod n, see post_fork).
 The defaults are the best setting measured by bench/serve.py (see bench/README.md).
 """
+import ipaddress
 import os
 import sys
 
@@ -29,14 +30,31 @@ loglevel = os.environ.get("SEG_LOG_LEVEL", "info")
 preload_app = False  # the model must load in each worker, after the fork
 
 
-def when_ready(server) -> None:
-    """Say so, loudly, when strangers on the network can use the service without a token."""
-    from app.security import is_loopback_bind
+def is_loopback_bind(bind: str) -> bool:
+    """True for a gunicorn bind address that only this machine can reach (a unix socket too)."""
+    if bind.startswith(("unix:", "fd://")):
+        return True
+    host = bind.rsplit(":", 1)[0] if not bind.startswith("[") else bind[1:bind.index("]")]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
 
+
+def when_ready(server) -> None:
+    """Say so, loudly, when strangers on the network can use the service (or its page) without a token.
+    Here, in the master, nothing of the app is imported: the master never loads torch."""
     open_binds = [address for address in server.cfg.bind if not is_loopback_bind(address)]
-    if open_binds and not os.environ.get("SEG_API_TOKEN"):
+    if not open_binds:
+        return
+    if not os.environ.get("SEG_API_TOKEN"):
         server.log.warning("listening on %s with no SEG_API_TOKEN: anyone who can reach this address can use the "
                            "service; set SEG_API_TOKEN, or bind 127.0.0.1 behind a proxy", ", ".join(open_binds))
+    elif os.environ.get("SEG_PAGE_PUBLIC") == "1":
+        server.log.warning("listening on %s with SEG_PAGE_PUBLIC=1: anyone who can reach this address can segment "
+                           "images on the page without the token", ", ".join(open_binds))
 
 
 def post_fork(server, worker) -> None:

@@ -27,6 +27,8 @@ from utils.fileio import atomic_path
 SUFFIXES = {"overlay": ".jpg", "photo": ".photo.jpg", "mask": ".png", "json": ".json"}
 NAME_PATTERN = re.compile(r"^([A-Za-z0-9_-]{22})(\.jpg|\.photo\.jpg|\.png|\.json)$")
 MEDIA_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".json": "application/json"}
+TEMPORARY_PATTERN = re.compile(r"^\.[A-Za-z0-9_-]{22}\..+\.tmp$")  # utils.fileio.atomic_path's, of a result file
+WRITE_GRACE_S = 120  # a result younger than this without its JSON is still being written
 # What one result may take on disk, per pixel of the photo: two JPEGs of noise-like photos take up
 # to ~3 bytes a pixel each, the class-id PNG and the RLE JSON of a fragmented map up to ~1 each.
 BYTES_PER_PIXEL_BOUND = 8
@@ -100,33 +102,51 @@ class ResultFiles:
 
 def prune_results(folder: Path, keep: int, max_age_s: int, max_bytes: int, current: str | None = None) -> int:
     """Delete whole results beyond the newest ``keep``, older than ``max_age_s`` or past ``max_bytes``
-    in all (oldest go first); never ``current``, the result just written.  Returns how many went.
+    in all (oldest go first); never ``current``, the result just written, nor one that another
+    request is still writing.  Returns how many went.
 
-    A result is dated by its overlay, which is written first.  Files whose overlay is gone are
-    what is left of a result another worker is pruning, and go too.
+    A result is dated by its overlay, which is written first, and complete once its JSON, written
+    last, is there.  Files whose overlay is gone are what is left of a result another worker is
+    pruning, and go too; so do temporary files that a killed worker left.
     """
+    names, sizes, stale = scan_results(folder)
+    written = {result: modified(folder / (result + SUFFIXES["overlay"])) for result in names}
+    now = time.time()
+    spared = {result for result in names if result == current or in_progress(names[result], now - written[result])}
+    ranked = sorted(names, key=lambda result: (result in spared, written[result]), reverse=True)
+    doomed, kept_bytes, full = [], 0, False
+    for rank, result in enumerate(ranked):
+        full = full or (result not in spared and kept_bytes + sizes[result] > max_bytes)  # older ones go too
+        if result not in spared and (full or rank >= keep or now - written[result] > max_age_s):
+            doomed.append(result)
+        else:
+            kept_bytes += sizes[result]
+    for name in [name for result in doomed for name in names[result]] + stale:
+        (folder / name).unlink(missing_ok=True)
+    return len(doomed)
+
+
+def in_progress(names: list[str], age_s: float) -> bool:
+    """A result with an overlay and no JSON yet, begun within the last WRITE_GRACE_S."""
+    has = {name[22:] for name in names}
+    return SUFFIXES["overlay"] in has and SUFFIXES["json"] not in has and age_s < WRITE_GRACE_S
+
+
+def scan_results(folder: Path) -> tuple[dict[str, list[str]], dict[str, int], list[str]]:
+    """The results in ``folder`` (id -> file names, id -> bytes) and its stale temporary files."""
     names: dict[str, list[str]] = {}
     sizes: dict[str, int] = {}
+    stale: list[str] = []
+    now = time.time()
     with os.scandir(folder) as entries:
         for entry in entries:
             match = NAME_PATTERN.fullmatch(entry.name)
             if match:
                 names.setdefault(match[1], []).append(entry.name)
                 sizes[match[1]] = sizes.get(match[1], 0) + stat_size(entry)
-    written = {result: modified(folder / (result + SUFFIXES["overlay"])) for result in names}
-    now = time.time()
-    ranked = sorted(names, key=lambda result: (result == current, written[result]), reverse=True)
-    doomed, kept_bytes, full = [], 0, False
-    for rank, result in enumerate(ranked):
-        full = full or (result != current and kept_bytes + sizes[result] > max_bytes)  # older ones go too
-        if result != current and (full or rank >= keep or now - written[result] > max_age_s):
-            doomed.append(result)
-        else:
-            kept_bytes += sizes[result]
-    for result in doomed:
-        for name in names[result]:
-            (folder / name).unlink(missing_ok=True)
-    return len(doomed)
+            elif TEMPORARY_PATTERN.fullmatch(entry.name) and now - modified(Path(entry.path)) > WRITE_GRACE_S:
+                stale.append(entry.name)
+    return names, sizes, stale
 
 
 def stat_size(entry: os.DirEntry) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
+import re
 import time
 from collections.abc import Mapping
 
@@ -61,27 +61,15 @@ def url_signature(name: str) -> dict[str, str]:
 def signature_ok(name: str, args: Mapping[str, str]) -> bool:
     """True when ``args`` carry an unexpired signature of ``name`` made with this service's token."""
     token = current_app.config["API_TOKEN"]
-    expires = args.get("expires", "")
-    if not (token and expires.isdigit() and int(expires) >= time.time()):
+    expires, given = args.get("expires", ""), args.get("sig", "")
+    # Only what url_signature makes is read: ASCII digits of a sane length, a hex digest.
+    if not (token and re.fullmatch(r"[0-9]{1,12}", expires) and re.fullmatch(r"[0-9a-f]{64}", given)):
         return False
-    return hmac.compare_digest(args.get("sig", ""), signature(name, int(expires), token))
+    return int(expires) >= time.time() and hmac.compare_digest(given, signature(name, int(expires), token))
 
 
 def result_access_ok(name: str) -> bool:
     return token_ok() or signature_ok(name, request.args)
-
-
-def is_loopback_bind(bind: str) -> bool:
-    """True for a gunicorn bind address that only this machine can reach (a unix socket too)."""
-    if bind.startswith(("unix:", "fd://")):
-        return True
-    host = bind.rsplit(":", 1)[0] if not bind.startswith("[") else bind[1:bind.index("]")]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to any interface
 
 
 def init_app(app: Flask) -> None:

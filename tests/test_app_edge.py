@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 
 from app import create_app, settings
-from app.results import SUFFIXES, ResultFiles, prune_results
-from app.security import CONTENT_SECURITY_POLICY, is_loopback_bind
+from app.results import SUFFIXES, WRITE_GRACE_S, ResultFiles, prune_results
+from app.security import CONTENT_SECURITY_POLICY
 from tests.conftest import ROOT
 from tests.test_app import encoded, local, photo, post_file
 from tests.test_serving import free_port
@@ -57,7 +57,10 @@ def test_every_response_carries_the_security_headers(make_client):
     client = make_client()
     answer = post_file(client, encoded(photo()))
     responses = [client.get("/"), answer, client.get(local(answer.get_json()["mask_url"])),
-                 post_file(client, b"text"), client.get("/nope"), client.get("/static/page.js")]
+                 post_file(client, b"text"), client.get("/nope"), client.get("/static/page.js"),
+                 client.delete("/json"), post_file(make_client(MAX_CONTENT_LENGTH=10), encoded(photo())),
+                 post_file(make_client(API_TOKEN="s3cret"), encoded(photo()))]
+    assert [response.status_code for response in responses] == [200, 200, 200, 415, 404, 200, 405, 413, 401]
     for response in responses:
         assert_security_headers(response)
 
@@ -111,6 +114,17 @@ def test_results_need_the_token_or_the_signature_handed_out(make_client):
     assert client.get(later).status_code == 401
 
 
+@pytest.mark.parametrize("query", [
+    "expires=%C2%B2&sig=" + "0" * 64,  # a digit to str.isdigit, not to int
+    "expires=9999999999&sig=%C3%A9", "expires=9" * 5000 + "&sig=" + "0" * 64, "expires=&sig=", "sig=abc",
+    "expires=-1&sig=" + "0" * 64,
+], ids=["superscript-two", "non-ascii-sig", "huge", "empty", "no-expiry", "negative"])
+def test_malformed_signatures_are_401s_never_500s(make_client, query):
+    client = make_client(API_TOKEN="s3cret")
+    name = local(post_file(client, encoded(photo()), headers=TOKEN).get_json()["mask_url"]).split("?")[0]
+    assert client.get(f"{name}?{query}").status_code == 401
+
+
 def test_signatures_expire(make_client):
     client = make_client(API_TOKEN="s3cret", RESULT_URL_TTL_S=-1)
     body = post_file(client, encoded(photo()), headers=TOKEN).get_json()
@@ -141,7 +155,7 @@ def result_sizes(folder: Path) -> dict[str, int]:
 
 
 def make_results(folder: Path, sizes: list[int]) -> list[str]:
-    """Results of ``sizes`` bytes (a quarter in each file), oldest first, a second apart."""
+    """Results of ``sizes`` bytes (a quarter in each file), oldest first, ten seconds apart."""
     made = []
     for age, size in zip(range(10 * len(sizes), 0, -10), sizes, strict=True):
         files = ResultFiles(folder)
@@ -169,6 +183,31 @@ def test_once_over_the_budget_every_older_result_goes_even_a_small_one(tmp_path)
     small, big, newest = make_results(folder, [40, 800, 400])
     assert prune_results(folder, keep=100, max_age_s=3600, max_bytes=1000) == 2
     assert set(result_sizes(folder)) == {newest}
+
+
+def test_a_result_another_request_is_still_writing_is_spared_until_its_grace_ends(tmp_path):
+    folder = tmp_path / "results"
+    writing, _ = make_results(folder, [400, 400])  # the older of the two, still being written
+    (folder / (writing + SUFFIXES["json"])).unlink()  # its JSON, written last, is not there yet
+    assert prune_results(folder, keep=1, max_age_s=3600, max_bytes=10**6) == 1
+    assert set(result_sizes(folder)) == {writing}
+    for path in folder.iterdir():
+        os.utime(path, (time.time() - WRITE_GRACE_S - 1,) * 2)  # a worker died while writing it
+    assert prune_results(folder, keep=0, max_age_s=3600, max_bytes=10**6) == 1
+    assert not list(folder.iterdir())
+
+
+def test_temporary_files_a_killed_worker_left_are_removed_once_stale(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    fresh, stale, other = (folder / f".{'a' * 22}.png.1.2.tmp", folder / f".{'b' * 22}.jpg.3.4.tmp",
+                           folder / ".notes.tmp")
+    for path in (fresh, stale, other):
+        path.write_bytes(b"x")
+    os.utime(stale, (time.time() - WRITE_GRACE_S - 1,) * 2)
+    os.utime(other, (time.time() - WRITE_GRACE_S - 1,) * 2)
+    prune_results(folder, keep=10, max_age_s=3600, max_bytes=10**6)
+    assert fresh.exists() and not stale.exists() and other.exists()
 
 
 def test_the_service_keeps_its_results_within_the_byte_budget(make_client):
@@ -210,12 +249,12 @@ def test_a_disk_that_fills_during_the_write_leaves_no_part_of_the_result(make_cl
     ("0.0.0.0:8000", False), ("[::]:8000", False), ("192.168.1.4:80", False), ("seg.example.org:80", False),
     (":8000", False),
 ])
-def test_loopback_binds_are_told_apart(bind, loopback):
-    assert is_loopback_bind(bind) is loopback
+def test_loopback_binds_are_told_apart(monkeypatch, bind, loopback):
+    assert gunicorn_settings(monkeypatch).is_loopback_bind(bind) is loopback
 
 
 def gunicorn_settings(monkeypatch, **environment):
-    for name in ("SEG_BIND", "SEG_API_TOKEN"):
+    for name in ("SEG_BIND", "SEG_API_TOKEN", "SEG_PAGE_PUBLIC"):
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
@@ -239,6 +278,9 @@ def test_gunicorn_binds_loopback_unless_told_and_warns_when_open_without_a_token
     assert "with no SEG_API_TOKEN" in warnings_at_start(module, ["0.0.0.0:8000"])[0]
     assert gunicorn_settings(monkeypatch, SEG_BIND="0.0.0.0:9000").bind == "0.0.0.0:9000"
     assert warnings_at_start(gunicorn_settings(monkeypatch, SEG_API_TOKEN="s3cret"), ["0.0.0.0:8000"]) == []
+    public = gunicorn_settings(monkeypatch, SEG_API_TOKEN="s3cret", SEG_PAGE_PUBLIC="1")
+    assert "with SEG_PAGE_PUBLIC=1" in warnings_at_start(public, ["0.0.0.0:8000"])[0]
+    assert warnings_at_start(public, ["127.0.0.1:8000"]) == []
 
 
 def test_a_real_gunicorn_on_every_interface_says_so_in_its_log(checkpoint, tmp_path):

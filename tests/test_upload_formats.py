@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,36 @@ def test_every_cut_of_an_accepted_file_is_a_4xx(client, data):
         response = post_file(client, data[:length], name="cut")
         # 200: the decoder fills in what is missing; 415: too short to tell the format
         assert response.status_code in (200, 400, 415), (length, response.status_code)
+
+
+def test_the_header_is_judged_before_any_pixel_is_decoded(client):
+    """8000x6000 is over the 40 M limit and under Pillow's own: only our header check stops it
+    before decoding (its pixel data is missing, so a decode would end in a 400 instead)."""
+    from tests.test_app import png_header_only
+
+    response, growth = peak_growth(lambda: post_file(client, png_header_only(8000, 6000), name="big.png"))
+    assert response.status_code == 413 and "8000x6000 pixels is over the limit" in response.get_json()["error"]
+    assert growth < REFUSED_REQUEST_BOUND
+
+
+def png_with_text_chunks(chunks: int, unpacked: int = 1 << 20) -> bytes:
+    """A 1x1 PNG carrying ``chunks`` compressed text chunks of ``unpacked`` bytes each."""
+    from tests.hostile_images import blank_png, png_chunk
+
+    png = blank_png(1, 1)
+    text = png_chunk(b"zTXt", b"comment\0\0" + zlib.compress(b"a" * unpacked, 9))
+    return png[:33] + text * chunks + png[33:]  # after the 33 bytes of signature and IHDR
+
+
+def test_a_png_full_of_text_is_refused_without_unpacking_it(client):
+    data = png_with_text_chunks(60)  # 60 MB of text in 60 KB: Pillow's default would unpack 64 MB
+    response, growth = peak_growth(lambda: post_file(client, data, name="notes.png"))
+    assert response.status_code == 400 and "corrupt or truncated" in response.get_json()["error"]
+    assert growth < REFUSED_REQUEST_BOUND
+    assert post_file(client, png_with_text_chunks(1, unpacked=1000), name="small-notes.png").status_code == 200
+
+
+def test_a_float_tiff_with_nan_keeps_its_other_pixels():
+    values = np.array([[np.nan, 0.0], [500.0, 1000.0]], dtype=np.float32)
+    image = decode_image(encoded(Image.fromarray(values, mode="F"), "TIFF"), max_pixels=100)
+    np.testing.assert_array_equal(np.asarray(image)[..., 0], [[0, 0], [127, 255]])

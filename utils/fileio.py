@@ -72,11 +72,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def scaled_to_8_bits(image: Image.Image) -> Image.Image:
     """16/32-bit or float grayscale scaled to 8 bits by its peak (rather than clipped at 255)."""
     array = np.asarray(image)
-    peak = max(float(array.max()), 255.0)
+    peak = max(float(np.nanmax(array)) if array.dtype.kind == "f" else float(array.max()), 255.0)
     scaled = np.empty(array.shape, dtype=np.uint8)
     for start in range(0, array.shape[0], ROWS_PER_BAND):
         band = array[start:start + ROWS_PER_BAND].astype(np.float64)
-        scaled[start:start + ROWS_PER_BAND] = np.clip(band * (255.0 / peak), 0, 255)
+        scaled[start:start + ROWS_PER_BAND] = np.clip(np.nan_to_num(band * (255.0 / peak)), 0, 255)
     return Image.fromarray(scaled)
 
 
