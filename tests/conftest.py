@@ -1,4 +1,5 @@
-"""Shared fixtures: synthetic COCO data made per session, and the optional ../shared data."""
+"""Shared fixtures: synthetic COCO data made per session, the optional ../shared data, and the
+service's test client over a tiny checkpoint."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from tests.synthetic_coco import SyntheticCoco, make_coco
+from tests.tiny_checkpoint import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -39,3 +41,21 @@ def shared_weights(name: str) -> Path:
 def synthetic_coco(tmp_path_factory) -> SyntheticCoco:
     """Eight small images with every annotation kind; read-only for tests."""
     return make_coco(tmp_path_factory.mktemp("coco"), num_images=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
+
+
+@pytest.fixture()
+def make_client(tiny_checkpoint, tmp_path):
+    """``make_client(**config)``: a test client of the service on the tiny checkpoint, its results
+    in the test's own folder."""
+    from app import create_app
+
+    def make(**config):
+        app = create_app({"CHECKPOINT": str(tiny_checkpoint), "RESULTS_DIR": str(tmp_path / "results"),
+                          "TESTING": True, **config})
+        return app.test_client()
+    return make

@@ -16,29 +16,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from app import create_app, settings
+from app import settings
 from app.results import SUFFIXES, WRITE_GRACE_S, ResultFiles, prune_results
 from app.security import CONTENT_SECURITY_POLICY
 from tests.conftest import ROOT
 from tests.test_app import encoded, local, photo, post_file
 from tests.test_serving import free_port
-from tests.tiny_checkpoint import make_checkpoint
 
 TOKEN = {"Authorization": "Bearer s3cret"}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
-
-
-@pytest.fixture()
-def make_client(checkpoint, tmp_path):
-    def make(**config):
-        app = create_app({"CHECKPOINT": str(checkpoint), "RESULTS_DIR": str(tmp_path / "results"),
-                          "TESTING": True, **config})
-        return app.test_client()
-    return make
 
 
 def results_folder(client) -> Path:
@@ -283,8 +268,8 @@ def test_gunicorn_binds_loopback_unless_told_and_warns_when_open_without_a_token
     assert warnings_at_start(public, ["127.0.0.1:8000"]) == []
 
 
-def test_a_real_gunicorn_on_every_interface_says_so_in_its_log(checkpoint, tmp_path):
-    environment = dict(os.environ, SEG_CHECKPOINT=str(checkpoint), SEG_RESULTS_DIR=str(tmp_path / "results"),
+def test_a_real_gunicorn_on_every_interface_says_so_in_its_log(tiny_checkpoint, tmp_path):
+    environment = dict(os.environ, SEG_CHECKPOINT=str(tiny_checkpoint), SEG_RESULTS_DIR=str(tmp_path / "results"),
                        SEG_BIND=f"0.0.0.0:{free_port()}", SEG_WORKERS="1", SEG_LOAD_MODEL_AT_START="0")
     environment.pop("SEG_API_TOKEN", None)
     process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "app:create_app()"],

@@ -8,17 +8,14 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from app import create_app
 from app.uploads import decode_image
 from tests.hostile_images import HOSTILE, fits_gzip_bomb, icns_bomb
 from tests.test_app import encoded, photo, post_file
-from tests.tiny_checkpoint import make_checkpoint
 
 MiB = 1 << 20
 REFUSED_REQUEST_BOUND = 32 * MiB  # a refused upload costs its bytes and a little bookkeeping, nothing decoded
@@ -55,15 +52,9 @@ def peak_growth(call) -> tuple[object, int]:
     return result, (memory_kib("VmHWM") - before) * 1024
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
-
-
 @pytest.fixture()
-def client(checkpoint, tmp_path):
-    app = create_app({"CHECKPOINT": str(checkpoint), "RESULTS_DIR": str(tmp_path / "results"), "TESTING": True})
-    return app.test_client()
+def client(make_client):
+    return make_client()
 
 
 @pytest.fixture(scope="module")
