@@ -3,7 +3,7 @@
     python cocomask_to_numpy.py --annotations instances_train2017.json \\
         --images train2017 --out masks/train2017 [--workers N] [--shard I/N]
 
-See utils/coco_convert.py for the overlap rules; README.md for the layout.
+See utils/data/coco_convert.py for the overlap rules; README.md for the layout.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from utils.coco_convert import CROWD_CHOICES, OVERLAP_CHOICES, ConversionError, Rules, convert, parse_shard
+from utils.data.coco_convert import CROWD_CHOICES, OVERLAP_CHOICES, ConversionError, Rules, convert, parse_shard
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,7 +18,7 @@ import sys
 from utils.checkpoint import CheckpointError
 from utils.cli import fail, setup_logging
 from utils.fileio import ImageReadError
-from utils.media_prediction import MediaError, predict_media
+from utils.inference.predict import MediaError, predict_media
 
 
 def positive_int(text: str) -> int:

@@ -15,8 +15,8 @@ import sys
 import config
 from utils.checkpoint import CheckpointError
 from utils.cli import fail, setup_logging
-from utils.datasets import DatasetError, add_dataset_arguments
-from utils.evaluation import evaluate_checkpoint
+from utils.data.datasets import DatasetError, add_dataset_arguments
+from utils.evaluation.test import evaluate_checkpoint
 from utils.precision import PRECISIONS
 
 

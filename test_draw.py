@@ -13,8 +13,8 @@ import sys
 import config
 from utils.checkpoint import CheckpointError
 from utils.cli import fail, setup_logging
-from utils.datasets import DatasetError, add_dataset_arguments
-from utils.drawing_and_timing import compute_time, draw
+from utils.data.datasets import DatasetError, add_dataset_arguments
+from utils.inference.test_draw import compute_time, draw
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

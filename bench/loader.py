@@ -4,7 +4,7 @@
                            [--model unet --base-width 64 | --model smp_unet --encoder mobilenet_v2]
 
 The pipeline: coco128 (../shared/data) converted to masks in a temporary folder, read by
-utils.datasets with each augmentation preset's transform (utils/augment.py: decode, random
+utils.data.datasets with each augmentation preset's transform (utils/data/augment.py: decode, random
 scale, flip, crop, then the preset's effects, normalise) and collated by a DataLoader with the
 configured workers; one figure per preset.  The step: forward,
 loss, backward and Adam on a batch of the same shape, of the model train.py builds from the same
@@ -32,12 +32,12 @@ import config
 import train
 from model import build_model, main_logits
 from model.smp_models import ENCODERS
-from utils.augment import PRESETS, train_transform
 from utils.classes import COCO_CLASSES, IGNORE_INDEX
-from utils.coco_convert import convert
-from utils.datasets import build_dataset
+from utils.data.augment import PRESETS, train_transform
+from utils.data.coco_convert import convert
+from utils.data.datasets import build_dataset
 from utils.precision import PRECISIONS, autocast
-from utils.training import arch_args
+from utils.training.prepare import arch_args
 
 COCO128 = SHARED / "coco128"
 

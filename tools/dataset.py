@@ -19,11 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config  # noqa: E402
-from utils.augment import PRESETS, train_transform  # noqa: E402
 from utils.cli import fail, setup_logging  # noqa: E402
-from utils.dataset_layouts import LayoutError  # noqa: E402
-from utils.dataset_tools import augmented_grid, format_class_shares, verify, visualize, write_splits  # noqa: E402
-from utils.datasets import DatasetError, add_dataset_arguments, build_dataset  # noqa: E402
+from utils.data.augment import PRESETS, train_transform  # noqa: E402
+from utils.data.dataset_tool import augmented_grid, format_class_shares, verify, visualize, write_splits  # noqa: E402
+from utils.data.datasets import DatasetError, add_dataset_arguments, build_dataset  # noqa: E402
+from utils.data.layouts import LayoutError  # noqa: E402
 from utils.fileio import atomic_path  # noqa: E402
 
 

@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 import test as test_script  # noqa: E402
 import train  # noqa: E402
-from model.predictor import Predictor  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from utils.coco_convert import convert  # noqa: E402
+from utils.data.coco_convert import convert  # noqa: E402
 from utils.fileio import atomic_path, file_sha256, load_rgb, write_text  # noqa: E402
+from utils.inference.predictor import Predictor  # noqa: E402
 
 # (name, annotation file, image folder) under ../shared/data.  tiny-coco's split names are
 # swapped upstream; both halves are training data here, so that does not matter.

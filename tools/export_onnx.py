@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model import load_model  # noqa: E402
 from model.export_onnx import (  # noqa: E402
     NotExportable,
     check_sizes,
@@ -24,7 +25,6 @@ from model.export_onnx import (  # noqa: E402
 )
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.cli import fail  # noqa: E402
-from utils.evaluation import load_model  # noqa: E402
 from utils.fileio import atomic_path  # noqa: E402
 
 TOLERANCE = 1e-3  # largest absolute logit difference accepted between ONNX Runtime and PyTorch

@@ -21,11 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config  # noqa: E402
-from model.predictor import Predictor  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.cli import fail  # noqa: E402
-from utils.datasets import DatasetError, build_dataset  # noqa: E402
-from utils.precision_guard import (  # noqa: E402
+from utils.data.datasets import DatasetError, build_dataset  # noqa: E402
+from utils.inference.precision_guard import (  # noqa: E402
     MAX_MIOU_DROP_POINTS,
     MIN_AGREEMENT,
     compare_precisions,
@@ -33,6 +32,7 @@ from utils.precision_guard import (  # noqa: E402
     verdict_key,
     write_guard,
 )
+from utils.inference.predictor import Predictor  # noqa: E402
 
 
 class GuardError(ValueError):

@@ -1,15 +1,12 @@
-"""The one train / evaluate loop, for one CPU, one GPU or many processes under torchrun."""
+"""A training run prepared from train.py's options: checks, data loaders, the model with its pretrained
+parts, loss, optimiser and schedule."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import json
 import logging
-import math
 import random
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,25 +14,20 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
-from model import build_model, load_pretrained, main_logits, min_input_size, model_meta, never_predict
+from model import build_model, load_pretrained, min_input_size, model_meta, never_predict
 from model.deeplab_voc import load_voc_teacher
 from model.encoder_weights import load_encoder_weights
 from model.smp_models import load_voc_head
 from model.unet import UNet
 from utils import distributed
-from utils.augment import train_transform
-from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.checkpoint import CheckpointError
 from utils.classes import VOC_CLASSES, never_labelled_ids
-from utils.datasets import PairedDataset, build_dataset
-from utils.distillation import GroupedDistillation
-from utils.fileio import atomic_path, write_text
-from utils.losses import build_loss, class_weights_from_counts
-from utils.metrics import ConfusionMatrix
-from utils.plots import plot_training_curves
-from utils.precision import autocast
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from utils.data.augment import train_transform
+from utils.data.datasets import PairedDataset, build_dataset
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from utils.training.distillation import GroupedDistillation
+from utils.training.losses import build_loss, class_weights_from_counts
 
 log = logging.getLogger("train")
 
@@ -44,93 +36,10 @@ class TrainingError(ValueError):
     """The run cannot start as configured; the message says what to change."""
 
 
-LOG_FIELDS = ("epoch", "train_loss", "val_loss", "pixel_accuracy", "miou", "lr", "seconds")
-LOSS_SHOWN_EVERY = 20  # steps: reading the loss waits for the GPU, so the progress bar reads it rarely
-
-
-def compute_loss(criterion: nn.Module, outputs: torch.Tensor | dict, target: torch.Tensor) -> torch.Tensor:
-    """The main loss, plus half the auxiliary head's loss when the model has one."""
-    loss = criterion(main_logits(outputs), target)
-    if isinstance(outputs, dict) and "aux" in outputs:
-        loss = loss + 0.5 * criterion(outputs["aux"], target)
-    return loss
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
-                    context: distributed.Context, epoch: int, max_steps: int | None,
-                    precision: str = "auto", distillation: GroupedDistillation | None = None) -> float:
-    """One pass over ``loader`` (at most ``max_steps`` batches); the mean loss over all ranks.
-    With ``distillation``, its loss is added to the criterion's."""
-    model.train()
-    device = context.device
-    total = torch.zeros(2, device=device)
-    steps = min(len(loader), max_steps or len(loader))
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not context.is_main, dynamic_ncols=True)
-    for step, (images, masks) in enumerate(bar):
-        if step >= steps:
-            break
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        masks = masks.to(device, non_blocking=True)
-        with autocast(device, precision):
-            outputs = model(images)
-            loss = compute_loss(criterion, outputs, masks)
-            if distillation is not None:
-                loss = loss + distillation(images, main_logits(outputs), masks)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        total += torch.stack([loss.detach().float(), torch.ones((), device=device)])
-        if step % LOSS_SHOWN_EVERY == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-    distributed.all_reduce_sum(total)
-    return (total[0] / total[1].clamp(min=1)).item()
-
-
-@contextlib.contextmanager
-def cudnn_benchmark_off() -> Iterator[None]:
-    """cuDNN's autotuning pays off for the fixed-size crops of training; whole validation
-    images each have their own size, and it would tune again for every new one."""
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = previous
-
-
-@cudnn_benchmark_off()
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, context: distributed.Context,
-             criterion: nn.Module | None = None, precision: str = "auto") -> tuple[ConfusionMatrix, float]:
-    """Confusion matrix (reduced over ranks) and mean loss of ``model`` on ``loader``."""
-    model.eval()
-    device = context.device
-    matrix = ConfusionMatrix(num_classes, device=device)
-    loss_sum = torch.zeros(2, device=device)
-    for images, masks in tqdm(loader, desc="evaluate", disable=not context.is_main, dynamic_ncols=True):
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        masks = masks.to(device, non_blocking=True)
-        with autocast(device, precision):
-            outputs = model(images)
-        logits = main_logits(outputs).float()
-        if criterion is not None:
-            loss_sum += torch.stack([criterion(logits, masks).float(), torch.ones((), device=device)])
-        matrix.update(masks, logits.argmax(1))
-    matrix.reduce_from_all_processes()
-    distributed.all_reduce_sum(loss_sum)
-    return matrix, (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
-
-
-# ------------------------------------------------------------------------------ set-up
 
 
 @dataclass
@@ -341,142 +250,3 @@ def prepare(args: argparse.Namespace) -> Run:
                make_criterion(args, len(class_names), context.device), optimizer, scheduler,
                torch.amp.GradScaler("cuda", enabled=context.device.type == "cuda" and args.precision == "auto"), meta,
                make_distillation(args, class_names, context.device))
-
-
-# ------------------------------------------------------------------------------ checkpoints
-
-
-def training_checkpoint(run: Run, epoch: int, metrics: dict | None) -> dict:
-    meta = dict(run.meta, metrics=metrics or {})
-    return {"model": run.bare_model.state_dict(), "meta": meta, "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
-            "best_metric": run.best_metric, "config": plain_config(run.args)}
-
-
-def plain_config(args: argparse.Namespace) -> dict:
-    """The arguments as plain types, so ``weights_only`` loading accepts them."""
-    return {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in vars(args).items()}
-
-
-def resume(run: Run, path: Path) -> None:
-    """Continue from ``path``: weights, optimiser, schedule, scaler and epoch count."""
-    checkpoint = load_checkpoint(path, map_location=run.context.device)
-    saved = (checkpoint["meta"]["arch"], checkpoint["meta"]["arch_args"])
-    if saved != (run.meta["arch"], run.meta["arch_args"]):
-        raise CheckpointError(f"{path} holds {saved[0]} {saved[1]}, but this run builds "
-                              f"{run.meta['arch']} {run.meta['arch_args']}: use the same model options "
-                              "or another --save-dir")
-    if "optimizer" not in checkpoint:
-        raise CheckpointError(f"{path} has no training state to resume from")
-    run.bare_model.load_state_dict(checkpoint["model"])
-    try:
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
-    except ValueError as error:  # e.g. a checkpoint of a model that has since lost unused parameters
-        raise CheckpointError(f"{path}: its optimiser state does not fit this model ({error}); "
-                              "train again, or start from its weights with --weights") from error
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
-    if checkpoint["scaler"] and run.scaler.is_enabled():  # {} from a run without loss scaling
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    run.start_epoch = checkpoint["epoch"] + 1
-    run.best_metric = checkpoint["best_metric"]
-    run.last_metrics = checkpoint["meta"].get("metrics") or None
-    log.info("resumed from %s at epoch %d", path, checkpoint["epoch"])
-
-
-def is_better(run: Run, metrics: dict) -> bool:
-    """Best by validation mIoU (higher) or, with --best-by loss, validation loss (lower)."""
-    if run.args.best_by == "loss":
-        value = -metrics["val_loss"]
-    else:
-        value = metrics["miou"] if metrics["miou"] is not None else -math.inf
-    if run.best_metric is None or value > run.best_metric:
-        run.best_metric = value
-        return True
-    return False
-
-
-def trim_log(path: Path, last_epoch: int) -> None:
-    """Drop rows after ``last_epoch``: a run killed between logging and saving logged one too many."""
-    if not path.exists():
-        return
-    header, *rows = path.read_text().splitlines()
-    kept = [row for row in rows if int(row.split(",", 1)[0]) <= last_epoch]
-    write_text(path, "\n".join([header, *kept]) + "\n")
-
-
-def append_log(path: Path, row: dict) -> None:
-    """Add one epoch to the CSV log, rewriting it atomically."""
-    previous = path.read_text() if path.exists() else ",".join(LOG_FIELDS) + "\n"
-    line = ",".join("" if row.get(f) is None else str(row[f]) for f in LOG_FIELDS)
-    with atomic_path(path) as tmp:
-        tmp.write_text(previous + line + "\n")
-
-
-# ------------------------------------------------------------------------------ the run
-
-
-def rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 5)
-
-
-def run_epoch(run: Run, epoch: int) -> dict:
-    args, context = run.args, run.context
-    if isinstance(run.train_loader.sampler, DistributedSampler):
-        run.train_loader.sampler.set_epoch(epoch)
-    started = time.time()
-    if set_encoder_trainable(run.bare_model, epoch > args.freeze_encoder_epochs):
-        run.model = distribute(run.bare_model, context)
-    row = {"epoch": epoch, "lr": f"{run.scheduler.get_last_lr()[0]:.3e}",
-           "train_loss": round(train_one_epoch(run.model, run.train_loader, run.criterion, run.optimizer,
-                                               run.scheduler, run.scaler, context, epoch, args.max_steps,
-                                               args.precision, run.distillation), 5)}
-    if epoch % args.val_every == 0 or epoch == args.epochs:
-        matrix, val_loss = evaluate(run.bare_model, run.val_loader, len(run.meta["class_names"]), context,
-                                    run.criterion, args.precision)
-        metrics = matrix.compute()
-        row.update(val_loss=round(val_loss, 5), pixel_accuracy=rounded(metrics["pixel_accuracy"]),
-                   miou=rounded(metrics["miou"]))
-        log.info("epoch %d: loss %.4f, val loss %.4f, pixel acc %.4f, mIoU %s over %d classes", epoch,
-                 row["train_loss"], val_loss, metrics["pixel_accuracy"], row["miou"],
-                 len(metrics["classes_counted"]))
-    row["seconds"] = round(time.time() - started, 1)
-    return row
-
-
-def save_epoch(run: Run, epoch: int, row: dict) -> None:
-    """Rank 0 writes last.pth every epoch and best.pth when validation improves."""
-    save_dir = Path(run.args.save_dir)
-    improved = "val_loss" in row and is_better(run, row)
-    if "val_loss" in row:
-        run.last_metrics = {k: row[k] for k in ("pixel_accuracy", "miou", "val_loss")}
-    checkpoint = training_checkpoint(run, epoch, run.last_metrics)
-    append_log(save_dir / "log_train.csv", row)  # before last.pth: a resume trims what last.pth lacks
-    if improved:
-        save_checkpoint(save_dir / "best.pth", checkpoint)
-        log.info("new best (%s) saved to %s", run.args.best_by, save_dir / "best.pth")
-    save_checkpoint(save_dir / "last.pth", checkpoint)
-    if "val_loss" in row:  # redrawn when there is something new to see (drawing costs ~0.5 s)
-        plot_training_curves(save_dir / "log_train.csv", save_dir / "curves.png")
-
-
-def train(args: argparse.Namespace) -> Path:
-    """Train as ``args`` say; returns the path of the final checkpoint."""
-    run = prepare(args)
-    save_dir = Path(args.save_dir)
-    try:
-        if args.resume:
-            resume(run, save_dir / "last.pth")
-            if run.context.is_main:
-                trim_log(save_dir / "log_train.csv", run.start_epoch - 1)
-        for epoch in range(run.start_epoch, args.epochs + 1):
-            row = run_epoch(run, epoch)
-            if run.context.is_main:
-                save_epoch(run, epoch, row)
-        final = save_dir / "model_final.pth"
-        if run.context.is_main:
-            meta = dict(run.meta, metrics=run.last_metrics or {})
-            save_checkpoint(final, {"model": run.bare_model.state_dict(), "meta": meta, "config": plain_config(args)})
-            log.info("final model saved to %s", final)
-        return final
-    finally:
-        distributed.cleanup()

@@ -107,7 +107,7 @@ def folder_pairs(root: Path, split: str, split_dir: Path | None = None) -> list[
         if images.is_dir() and masks.is_dir():
             return pair_folders(images, masks)
     raise LayoutError(f"no '{split}' split in {root}: expected {split}_images/ + {split}_masks/ (or another "
-                      f"layout in utils/dataset_layouts.py) or a list {split}.txt; "
+                      f"layout in utils/data/layouts.py) or a list {split}.txt; "
                       "`python tools/dataset.py split` writes lists")
 
 

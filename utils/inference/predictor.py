@@ -28,11 +28,10 @@ from torch import nn
 from model import main_logits, min_input_size, model_from_checkpoint
 from model.export_onnx import export_onnx, onnxruntime_session, run_session
 from utils.checkpoint import load_checkpoint
-from utils.classes import palette
+from utils.data.transforms import SIZE_MULTIPLE, padded_size
 from utils.fileio import to_rgb
+from utils.inference.precision_guard import precision_allowed
 from utils.precision import PRECISIONS, cpu_supports_bf16
-from utils.precision_guard import precision_allowed
-from utils.transforms import SIZE_MULTIPLE, padded_size
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ def fit_long_side(width: int, height: int, long_side: int) -> tuple[int, int]:
 
 def normalise(pixels: np.ndarray, mean: list[float], std: list[float], device: torch.device) -> torch.Tensor:
     """H x W x 3 uint8 -> 1 x 3 x H x W float32 in channels_last memory, computed as
-    utils.transforms.to_tensor computes it (same float32 steps, so the same bits)."""
+    utils.data.transforms.to_tensor computes it (same float32 steps, so the same bits)."""
     # An H x W x 3 array viewed as 3 x H x W *is* channels_last: no transposing copy, and the uint8
     # pixels, a quarter of the float bytes, are what crosses to the device.
     planes = torch.from_numpy(pixels).to(device).permute(2, 0, 1)[None].float()
@@ -256,44 +255,3 @@ def to_original_size(class_ids: torch.Tensor, confidence: torch.Tensor, info: Pr
     if info.resized_size != info.original_size:
         class_ids, confidence = resize_nearest(torch.stack([class_ids.float(), confidence]), *info.original_size)
     return class_ids.to(class_map_dtype(num_classes)).cpu().numpy(), confidence.cpu().numpy()
-
-
-def summarize(prediction: Prediction, class_names: list[str]) -> list[dict]:
-    """One entry per class present (id, name, area in pixels, area_ratio, mean_confidence),
-    largest area first."""
-    class_ids = prediction.class_map.ravel()
-    areas = np.bincount(class_ids, minlength=len(class_names))
-    confidence_sums = np.bincount(class_ids, weights=prediction.confidence.ravel(), minlength=len(class_names))
-    present = np.flatnonzero(areas)
-    present = present[np.argsort(-areas[present], kind="stable")]
-    return [{"id": int(class_id), "name": class_names[class_id], "area": int(areas[class_id]),
-             "area_ratio": float(areas[class_id] / class_ids.size),
-             "mean_confidence": float(confidence_sums[class_id] / areas[class_id])}
-            for class_id in present]
-
-
-def render_overlay(image: Image.Image, class_map: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """``image`` with each class's palette colour blended in at ``alpha``; background stays the photo."""
-    photo = to_rgb(image)
-    if (photo.height, photo.width) != class_map.shape:
-        raise ValueError(f"class map {class_map.shape} does not match the image {(photo.height, photo.width)}")
-    # PIL blends and composites in C, several times faster than the same arithmetic in numpy floats.
-    return Image.composite(Image.blend(photo, colour_image(class_map), alpha), photo, Image.fromarray(class_map > 0))
-
-
-def colour_image(class_map: np.ndarray) -> Image.Image:
-    """The RGB image of each pixel's palette colour."""
-    if class_map.dtype != np.uint8:
-        return Image.fromarray(palette(int(class_map.max()) + 1)[class_map])
-    # A palette image is expanded to RGB in C, about 3x faster than indexing the table in numpy.
-    return class_map_image(class_map).convert("RGB")
-
-
-def class_map_image(class_map: np.ndarray) -> Image.Image:
-    """The class ids as an image whose pixel values are the ids: a palette image carrying the
-    class colours for uint8 maps (so viewers show colours), 16-bit grayscale for wider ones."""
-    if class_map.dtype != np.uint8:
-        return Image.fromarray(class_map.astype(np.uint16))
-    indexed = Image.fromarray(class_map)
-    indexed.putpalette(palette(int(class_map.max()) + 1).tobytes())
-    return indexed

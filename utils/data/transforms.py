@@ -32,7 +32,7 @@ def normalise(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torc
     return (image - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
-# (crop, mask, seed) -> float image in [0, 1] and int64 mask: an augmentation preset (utils/augment.py)
+# (crop, mask, seed) -> float image in [0, 1] and int64 mask: an augmentation preset (utils/data/augment.py)
 Augmentation = Callable[[np.ndarray, np.ndarray, int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -65,7 +65,7 @@ def random_crop_pair(image: np.ndarray, mask: np.ndarray, height: int, width: in
 @dataclass
 class TrainTransform:
     """Random scale (aspect kept), horizontal flip, crop to ``crop_size`` padding if needed: the
-    ``basic`` preset; an ``augmentation`` (utils/augment.py) continues from the crop."""
+    ``basic`` preset; an ``augmentation`` (utils/data/augment.py) continues from the crop."""
     crop_size: int = 512
     scale_range: tuple[float, float] = (0.75, 1.25)
     flip_probability: float = 0.5

@@ -1,11 +1,10 @@
-"""Evaluating a checkpoint on a dataset at full resolution, and the report test.py writes."""
+"""test.py's engine: a checkpoint evaluated on a dataset at full resolution, with the per-image ranking."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +12,18 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
-from model import main_logits, min_input_size, model_from_checkpoint
+from model import load_model, main_logits, min_input_size
 from utils import distributed
-from utils.checkpoint import load_checkpoint
 from utils.classes import IGNORE_INDEX
-from utils.datasets import DatasetError, PairedDataset, build_dataset
+from utils.data.datasets import DatasetError, PairedDataset, build_dataset
+from utils.data.transforms import EvalTransform, padded_size
+from utils.drawing import panels
+from utils.evaluation.loop import PredictionSink, confusion_over
+from utils.evaluation.metrics import ConfusionMatrix
+from utils.evaluation.plots import plot_per_image_iou
+from utils.evaluation.report import write_report
 from utils.fileio import atomic_path, write_text
-from utils.metrics import ConfusionMatrix, format_optional
-from utils.plots import plot_class_iou, plot_confusion_matrix, plot_per_image_iou
 from utils.precision import autocast
-from utils.transforms import EvalTransform, padded_size
-from utils.visualize import panels
 
 log = logging.getLogger("test")
 
@@ -43,37 +43,6 @@ class SizeGroupedBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)
-
-
-def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """A model rebuilt from a checkpoint's own metadata, in eval mode on ``device``."""
-    checkpoint = load_checkpoint(path, map_location=device)
-    model = model_from_checkpoint(checkpoint)
-    return model.to(device, memory_format=torch.channels_last).eval(), checkpoint["meta"]
-
-
-PredictionSink = Callable[[int, np.ndarray, np.ndarray], None]
-
-
-@torch.inference_mode()
-def confusion_over(model: torch.nn.Module, loader: DataLoader, num_classes: int, context: distributed.Context,
-                   sinks: list[PredictionSink] = (), precision: str = "fp32") -> ConfusionMatrix:
-    """Confusion matrix of ``model`` over ``loader`` (reduced over ranks); each image's
-    prediction and truth, cropped to its own size, go to every ``sink(index, prediction, truth)``."""
-    matrix = ConfusionMatrix(num_classes, device=context.device)
-    dataset = loader.dataset
-    for (images, masks), indices in zip(loader, loader.batch_sampler, strict=True):
-        images = images.to(context.device).contiguous(memory_format=torch.channels_last)
-        with autocast(context.device, precision):
-            predictions = main_logits(model(images)).argmax(1)
-        matrix.update(masks.to(context.device), predictions)
-        if sinks:
-            for index, prediction, truth in zip(indices, predictions.cpu().numpy(), masks.numpy(), strict=True):
-                height, width = dataset.image_size(index)
-                for sink in sinks:
-                    sink(index, prediction[:height, :width], truth[:height, :width])
-    matrix.reduce_from_all_processes()
-    return matrix
 
 
 def class_map_writer(dataset: PairedDataset, folder: Path) -> PredictionSink:
@@ -176,30 +145,3 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     finally:
         distributed.cleanup()
 
-
-def format_table(report: dict) -> str:
-    """Per-class IoU, Dice, pixel accuracy and support; classes neither present nor predicted omitted."""
-    lines = [f"{'id':>3}  {'class':<18} {'IoU':>7} {'Dice':>7} {'acc':>7} {'support (px)':>14}"]
-    for class_id in report["classes_counted"]:
-        accuracy = report["class_accuracy"][class_id]
-        lines.append(f"{class_id:>3}  {report['class_names'][class_id]:<18} {report['iou'][class_id]:7.4f} "
-                     f"{report['dice'][class_id]:7.4f} {'    n/a' if accuracy is None else f'{accuracy:7.4f}'} "
-                     f"{report['support'][class_id]:>14,}")
-    return "\n".join(lines)
-
-
-def write_report(report: dict, save_dir: Path) -> None:
-    counted = report["classes_counted"]
-    summary = (f"checkpoint: {report['checkpoint']}\nimages: {report['images']}\n"
-               f"pixel accuracy: {format_optional(report['pixel_accuracy'])}\n"
-               f"mIoU: {format_optional(report['miou'])} "
-               f"(mean over the {len(counted)} classes present in ground truth or prediction)\n"
-               f"mean Dice: {format_optional(report['mean_dice'])}\n\n")
-    text = summary + format_table(report) + "\n"
-    write_text(save_dir / "log_test.log", text)
-    write_text(save_dir / "metrics.json", json.dumps(report, indent=1))
-    names = report["class_names"]
-    plot_confusion_matrix(np.array(report["confusion_matrix"]), names, save_dir / "vision_confusion_matrix.jpg")
-    plot_class_iou(report["iou"], names, save_dir / "class_iou.png")
-    log.info("\n%s", text)
-    log.info("wrote %s, metrics.json, vision_confusion_matrix.jpg and class_iou.png", save_dir / "log_test.log")

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 import config
 from utils.classes import COCO_CLASSES, IGNORE_INDEX, VOC_CLASSES
-from utils.dataset_layouts import (
+from utils.data.layouts import (
     LayoutError,
     MaskFormat,
     folder_pairs,
