@@ -13,9 +13,8 @@ import argparse
 import sys
 
 import config
-from utils.checkpoint import CheckpointError
-from utils.cli import fail, setup_logging
-from utils.data.datasets import DatasetError, add_dataset_arguments
+from utils.cli import setup_logging, user_errors_exit
+from utils.data.datasets import add_dataset_arguments
 from utils.evaluation.test import evaluate_checkpoint
 from utils.precision import PRECISIONS
 
@@ -34,13 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.save_dir, "test.log")
-    try:
-        evaluate_checkpoint(args)
-    except (DatasetError, CheckpointError) as error:
-        return fail(error)
+    evaluate_checkpoint(args)
     return 0
 
 

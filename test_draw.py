@@ -11,9 +11,8 @@ import argparse
 import sys
 
 import config
-from utils.checkpoint import CheckpointError
-from utils.cli import fail, setup_logging
-from utils.data.datasets import DatasetError, add_dataset_arguments
+from utils.cli import setup_logging, user_errors_exit
+from utils.data.datasets import add_dataset_arguments
 from utils.inference.test_draw import compute_time, draw
 
 
@@ -33,13 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.save_dir, "test_draw.log")
-    try:
-        (draw if args.command == "draw" else compute_time)(args)
-    except (DatasetError, CheckpointError) as error:
-        return fail(error)
+    (draw if args.command == "draw" else compute_time)(args)
     return 0
 
 

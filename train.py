@@ -14,13 +14,11 @@ import sys
 import config
 from model.smp_models import ENCODERS
 from model.unet_parts import ACTIVATIONS, PADDING_MODES
-from utils.checkpoint import CheckpointError
-from utils.cli import fail, setup_logging
+from utils.cli import setup_logging, user_errors_exit
 from utils.data.augment import PRESETS
-from utils.data.datasets import DatasetError, add_dataset_arguments
+from utils.data.datasets import add_dataset_arguments
 from utils.precision import PRECISIONS
 from utils.training.losses import CLASS_WEIGHT_MODES
-from utils.training.prepare import TrainingError
 from utils.training.train import train
 
 
@@ -82,13 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.save_dir, "train.log")
-    try:
-        train(args)
-    except (DatasetError, CheckpointError, TrainingError) as error:
-        return fail(error)
+    train(args)
     return 0
 
 

@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config  # noqa: E402
-from utils.checkpoint import CheckpointError  # noqa: E402
-from utils.cli import fail  # noqa: E402
-from utils.data.datasets import DatasetError, build_dataset  # noqa: E402
+from utils.cli import user_errors_exit  # noqa: E402
+from utils.data.datasets import build_dataset  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.inference.precision_guard import (  # noqa: E402
     MAX_MIOU_DROP_POINTS,
     MIN_AGREEMENT,
@@ -35,7 +35,7 @@ from utils.inference.precision_guard import (  # noqa: E402
 from utils.inference.predictor import Predictor  # noqa: E402
 
 
-class GuardError(ValueError):
+class GuardError(UserError):
     """The comparison cannot be made as asked."""
 
 
@@ -92,12 +92,10 @@ def report(record: dict, checkpoint: str, device: str, dtype: str) -> str:
             f"(written to {guard_path(checkpoint)})")
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        record = run(args)
-    except (DatasetError, CheckpointError, GuardError) as error:
-        return fail(error)
+    record = run(args)
     print(report(record, args.checkpoint, args.device, args.dtype))
     return 0
 

@@ -1,10 +1,17 @@
-"""What every script does the same way: logging and turning known errors into one clear line."""
+"""What every script does the same way: logging, and the user's mistakes (UserError) as one clear line."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec
+
+from utils.errors import UserError
+
+Arguments = ParamSpec("Arguments")
 
 
 def setup_logging(save_dir: str | os.PathLike, file_name: str) -> None:
@@ -32,3 +39,15 @@ def fail(error: BaseException) -> int:
         message = lines[0]
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def user_errors_exit(main: Callable[Arguments, int]) -> Callable[Arguments, int]:
+    """A script's ``main`` whose UserErrors end it with one line and exit code 2 (see ``fail``); any
+    other exception is a bug and keeps its traceback."""
+    @functools.wraps(main)
+    def guarded(*args: Arguments.args, **kwargs: Arguments.kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            return fail(error)
+    return guarded

@@ -23,6 +23,7 @@ from utils.data.layouts import (
     size_mismatches,
     voc_pairs,
 )
+from utils.errors import UserError
 from utils.fileio import ImageReadError, displayed_size, load_rgb
 
 log = logging.getLogger("data")
@@ -30,7 +31,7 @@ log = logging.getLogger("data")
 Transform = Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """The data on disk is missing or inconsistent; the message names the file."""
 
 

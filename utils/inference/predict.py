@@ -22,6 +22,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from utils.drawing import render_overlay
+from utils.errors import UserError
 from utils.fileio import ImageReadError, atomic_path, load_rgb
 from utils.inference.predictor import Predictor
 
@@ -39,7 +40,7 @@ DEFAULT_CAMERA_FRAMES = 300
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
 
 
-class MediaError(ValueError):
+class MediaError(UserError):
     """The input cannot be read, or the output cannot be written."""
 
 

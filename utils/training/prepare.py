@@ -21,18 +21,18 @@ from model.encoder_weights import load_encoder_weights
 from model.smp_models import load_voc_head
 from model.unet import UNet
 from utils import distributed
-from utils.checkpoint import CheckpointError
 from utils.classes import VOC_CLASSES, never_labelled_ids
 from utils.data.augment import train_transform
 from utils.data.datasets import PairedDataset, build_dataset
 from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from utils.errors import UserError
 from utils.training.distillation import GroupedDistillation
 from utils.training.losses import build_loss, class_weights_from_counts
 
 log = logging.getLogger("train")
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError):
     """The run cannot start as configured; the message says what to change."""
 
 
@@ -155,9 +155,9 @@ def build_pretrained_model(args: argparse.Namespace, arguments: dict,
                 model.freeze_encoder_batchnorm()
         if args.voc_head:
             log.info("%s", load_voc_head(model, args.voc_head, class_names))
-    except CheckpointError:
+    except UserError:
         raise
-    except (ValueError, OSError, RuntimeError) as error:
+    except ValueError as error:  # the networks' checks of their arguments, which come from the options
         raise TrainingError(str(error)) from error
     return model, encoder_source
 
