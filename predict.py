@@ -15,15 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.cli import setup_logging, user_errors_exit
+from utils.cli import positive_int, setup_logging, user_errors_exit
 from utils.inference.predict import MediaError, predict_media
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def unit_fraction(text: str) -> float:

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 import config
-from utils.cli import setup_logging, user_errors_exit
+from utils.cli import positive_int, setup_logging, user_errors_exit
 from utils.data.datasets import add_dataset_arguments
 from utils.inference.test_draw import compute_time, draw
 
@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=None,
                         help="images per split to draw (default 20) or to time (default 100)")
     parser.add_argument("--warmup", type=int, default=5, help="compute_time: untimed runs first")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.count is None:
         args.count = 20 if args.command == "draw" else 100

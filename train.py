@@ -17,7 +17,7 @@ from model.unet_parts import ACTIVATIONS, PADDING_MODES
 from utils.cli import setup_logging, user_errors_exit
 from utils.data.augment import PRESETS
 from utils.data.datasets import add_dataset_arguments
-from utils.precision import PRECISIONS
+from utils.precision import AUTOCAST_PRECISIONS
 from utils.training.losses import CLASS_WEIGHT_MODES
 from utils.training.train import train
 
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=None, help="at most this many batches per epoch")
     parser.add_argument("--resume", action="store_true", help="continue from <save-dir>/last.pth")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+    parser.add_argument("--precision", choices=AUTOCAST_PRECISIONS, default="auto",
                         help="auto: fp16 AMP on CUDA, fp32 on CPU; bf16: bfloat16 autocast (CPUs with bf16)")
     return parser.parse_args(argv)
 

@@ -36,14 +36,14 @@ from utils.classes import COCO_CLASSES, IGNORE_INDEX
 from utils.data.augment import PRESETS, train_transform
 from utils.data.coco_convert import convert
 from utils.data.datasets import build_dataset
-from utils.precision import PRECISIONS, autocast
+from utils.precision import AUTOCAST_PRECISIONS, autocast
 from utils.training.prepare import arch_args
 
 COCO128 = SHARED / "coco128"
 
 
 def training_loader(masks: Path, args: argparse.Namespace, preset: str) -> DataLoader:
-    layout = argparse.Namespace(data_dir=str(COCO128), mask_dir=str(masks), train_split="train2017",
+    layout = argparse.Namespace(dataset="coco", data_dir=str(COCO128), mask_dir=str(masks), train_split="train2017",
                                 val_split="train2017")
     dataset = build_dataset(layout, "train", train_transform(preset, args.crop_size))
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--encoder", choices=ENCODERS, default="mobilenet_v2", help="with --model smp_*")
     parser.add_argument("--batches", type=int, default=48, help="batches timed from the loader")
     parser.add_argument("--steps", type=int, default=3, help="training steps timed (median)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="as train.py --precision")
+    parser.add_argument("--precision", choices=AUTOCAST_PRECISIONS, default="auto", help="as train.py --precision")
     parser.add_argument("--augment", choices=PRESETS, nargs="+", default=list(PRESETS),
                         help="presets to time (default: all)")
     args = parser.parse_args()

@@ -20,9 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import config  # noqa: E402
-from utils.cli import user_errors_exit  # noqa: E402
-from utils.data.datasets import build_dataset  # noqa: E402
+from utils.cli import positive_int, user_errors_exit  # noqa: E402
+from utils.data.datasets import add_dataset_arguments, build_dataset  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.inference.precision_guard import (  # noqa: E402
     MAX_MIOU_DROP_POINTS,
@@ -42,16 +41,13 @@ class GuardError(UserError):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a .pth written by train.py")
-    config.add_arguments(parser, "data_dir", "mask_dir")
-    parser.add_argument("--val-split", default="val2017", help="image/mask sub-folder to compare on")
+    add_dataset_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="compare on the first N images only")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the verdict holds")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16",
                         help="the reduced precision to judge (bf16 on the CPU; fp16, what CUDA serves, or bf16)")
-    args = parser.parse_args(argv)
-    args.train_split = args.val_split  # build_dataset names both splits; only "val" is read
-    return args
+    return parser.parse_args(argv)
 
 
 def load_pair(args: argparse.Namespace) -> tuple[Predictor, Predictor]:

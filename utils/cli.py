@@ -1,6 +1,7 @@
 """What every script does the same way: logging, and the user's mistakes (UserError) as one clear line."""
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import os
@@ -23,6 +24,14 @@ def setup_logging(save_dir: str | os.PathLike, file_name: str) -> None:
         handlers.append(logging.FileHandler(Path(save_dir) / file_name))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def fail(error: BaseException) -> int:

@@ -156,7 +156,7 @@ def split_name(args, split: str) -> str:
     chosen = args.train_split if split == "train" else args.val_split
     if chosen:
         return chosen
-    suffix = "2017" if getattr(args, "dataset", "coco") == "coco" else ""
+    suffix = "2017" if args.dataset == "coco" else ""
     return ("train" if split == "train" else "val") + suffix
 
 
@@ -193,7 +193,7 @@ def without_mismatches(pairs: list[tuple[Path, Path]], policy: str) -> list[tupl
 def build_dataset(args, split: str, transform: Transform | None = None) -> PairedDataset:
     """The ``split`` ("train" or "val") of the dataset the command-line ``args`` describe."""
     name = split_name(args, split)
-    if getattr(args, "dataset", "coco") == "coco":
+    if args.dataset == "coco":
         return coco_mask_dataset(Path(args.data_dir) / name, Path(args.mask_dir) / name, transform)
     root = Path(args.data_dir)
     split_dir = Path(args.split_dir) if args.split_dir else None

@@ -20,16 +20,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SIZE_MULTIPLE = 16  # four 2x poolings in the U-Net
 
 
+def normalise(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """(...) x 3 x H x W float in [0, 1] -> normalised float32, on the image's device and in its memory
+    layout: the one normalisation of training, evaluation and the Predictor."""
+    mean_planes = torch.tensor(mean, dtype=torch.float32, device=image.device).view(3, 1, 1)
+    std_planes = torch.tensor(std, dtype=torch.float32, device=image.device).view(3, 1, 1)
+    return image.sub(mean_planes).div_(std_planes)
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1]."""
+    return pixels.float().mul_(np.float32(1 / 255))
+
+
 def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """HxWx3 uint8 -> normalised 3xHxW float32."""
-    scale = np.float32(1 / 255)
-    normalised = (image.astype(np.float32) * scale - np.float32(mean)) / np.float32(std)
-    return torch.from_numpy(normalised.transpose(2, 0, 1).copy())
-
-
-def normalise(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """3xHxW float in [0, 1] -> normalised 3xHxW float32."""
-    return (image - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    return normalise(to_unit_range(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)), mean, std
+                     ).contiguous()
 
 
 # (crop, mask, seed) -> float image in [0, 1] and int64 mask: an augmentation preset (utils/data/augment.py)

@@ -28,16 +28,18 @@ from torch import nn
 from model import main_logits, min_input_size, model_from_checkpoint
 from model.export_onnx import export_onnx, onnxruntime_session, run_session
 from utils.checkpoint import load_checkpoint
-from utils.data.transforms import SIZE_MULTIPLE, padded_size
+from utils.data.transforms import SIZE_MULTIPLE, normalise, padded_size, to_unit_range
 from utils.fileio import to_rgb
 from utils.inference.precision_guard import precision_allowed
-from utils.precision import PRECISIONS, cpu_supports_bf16
+from utils.precision import cpu_supports_bf16
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PREDICTOR_PRECISIONS = (*PRECISIONS, "fp16")  # fp16: CUDA only, asked for by name
+# What the Predictor and the service run in; "auto" is the guarded choice of choose_precision (not
+# training autocast's "auto"), fp16 runs on CUDA only.
+SERVING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PIXELS_PER_CHUNK = 4096  # softmax rows per step: 91 classes x 4096 x 4 bytes = 1.5 MB, about one core's L2
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # 1 x 3 x h x w input -> 1 x C x h x w logits
@@ -51,7 +53,7 @@ def pick_device(prefer: str | torch.device | None = None) -> torch.device:
 
 
 def choose_precision(requested: str, device: torch.device, guard_passed: Callable[[str], bool]) -> str:
-    """"fp32", "bf16" or "fp16": what the network runs in for ``requested`` (one of PREDICTOR_PRECISIONS).
+    """"fp32", "bf16" or "fp16": what the network runs in for ``requested`` (one of SERVING_PRECISIONS).
 
     "auto" takes the reduced precision of the hardware (fp16 on CUDA, bf16 on CPUs with native
     bf16) only when ``guard_passed(that dtype)``: the checkpoint's comparison of fp32 with that
@@ -117,15 +119,12 @@ def fit_long_side(width: int, height: int, long_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def normalise(pixels: np.ndarray, mean: list[float], std: list[float], device: torch.device) -> torch.Tensor:
-    """H x W x 3 uint8 -> 1 x 3 x H x W float32 in channels_last memory, computed as
-    utils.data.transforms.to_tensor computes it (same float32 steps, so the same bits)."""
+def network_input(pixels: np.ndarray, mean: list[float], std: list[float], device: torch.device) -> torch.Tensor:
+    """H x W x 3 uint8 -> 1 x 3 x H x W normalised float32 in channels_last memory."""
     # An H x W x 3 array viewed as 3 x H x W *is* channels_last: no transposing copy, and the uint8
     # pixels, a quarter of the float bytes, are what crosses to the device.
-    planes = torch.from_numpy(pixels).to(device).permute(2, 0, 1)[None].float()
-    mean_planes = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std_planes = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return (planes * np.float32(1 / 255)).sub_(mean_planes).div_(std_planes)
+    planes = torch.from_numpy(pixels).to(device).permute(2, 0, 1)[None]
+    return normalise(to_unit_range(planes), mean, std)
 
 
 def rows_per_chunk(device: torch.device, rows: int) -> int:
@@ -189,8 +188,8 @@ class Predictor:
         torch.compile the network (its cost is paid here, in the warm-up).  ``backend``: "torch" or
         "onnxruntime" (CPU, fp32).
         """
-        if precision not in PREDICTOR_PRECISIONS:
-            raise ValueError(f"precision must be one of {PREDICTOR_PRECISIONS}, not {precision!r}")
+        if precision not in SERVING_PRECISIONS:
+            raise ValueError(f"precision must be one of {SERVING_PRECISIONS}, not {precision!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         if threads is not None:
@@ -232,7 +231,7 @@ class Predictor:
         padded_height, padded_width = padded_size(height, width, minimum=min_input_size(self.model))
         pixels = np.pad(pixels, ((0, padded_height - height), (0, padded_width - width), (0, 0)))
         info = PreprocessInfo(original_size=(rgb.height, rgb.width), resized_size=(height, width))
-        return normalise(pixels, self.meta["mean"], self.meta["std"], self.device), info
+        return network_input(pixels, self.meta["mean"], self.meta["std"], self.device), info
 
     @torch.inference_mode()
     def predict(self, image: Image.Image) -> Prediction:
