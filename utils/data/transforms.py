@@ -35,8 +35,9 @@ def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
 
 def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """HxWx3 uint8 -> normalised 3xHxW float32."""
-    return normalise(to_unit_range(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)), mean, std
-                     ).contiguous()
+    # astype copies, so the tensor is writable even when the array (a PIL image's) is not.
+    planes = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)
+    return normalise(to_unit_range(planes), mean, std).contiguous()
 
 
 # (crop, mask, seed) -> float image in [0, 1] and int64 mask: an augmentation preset (utils/data/augment.py)
