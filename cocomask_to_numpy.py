@@ -3,7 +3,7 @@
     python cocomask_to_numpy.py --annotations instances_train2017.json \\
         --images train2017 --out masks/train2017 [--workers N] [--shard I/N]
 
-See utils/coco_convert.py for the overlap rules; README.md for the layout.
+See utils/data/coco_convert.py for the overlap rules; README.md for the layout.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import argparse
 import os
 import sys
 
-from utils.coco_convert import CROWD_CHOICES, OVERLAP_CHOICES, ConversionError, Rules, convert, parse_shard
+from utils.cli import user_errors_exit
+from utils.data.coco_convert import CROWD_CHOICES, OVERLAP_CHOICES, Rules, convert, parse_shard
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,14 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        summary = convert(args.annotations, args.images, args.out, Rules(args.crowd, args.overlap),
-                          args.workers, parse_shard(args.shard))
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    summary = convert(args.annotations, args.images, args.out, Rules(args.crowd, args.overlap),
+                      args.workers, parse_shard(args.shard))
     present = sum(count > 0 for count in summary["class_pixel_counts"][1:])
     print(f"{summary['images']} images ({summary['masks_written']} written, "
           f"{summary['masks_reused']} already done, {summary['empty_images']} without annotations), "

@@ -15,17 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.checkpoint import CheckpointError
-from utils.cli import fail, setup_logging
-from utils.fileio import ImageReadError
-from utils.media_prediction import MediaError, predict_media
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from utils.cli import positive_int, setup_logging, user_errors_exit
+from utils.inference.predict import MediaError, predict_media
 
 
 def unit_fraction(text: str) -> float:
@@ -49,13 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         setup_logging(args.out, "predict.log")
         predict_media(args)
-    except (MediaError, ImageReadError, CheckpointError, OSError) as error:
-        return fail(error)
+    except OSError as error:  # an output folder that cannot be written, an input that vanished while read
+        raise MediaError(str(error)) from error
     return 0
 
 

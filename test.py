@@ -13,11 +13,10 @@ import argparse
 import sys
 
 import config
-from utils.checkpoint import CheckpointError
-from utils.cli import fail, setup_logging
-from utils.datasets import DatasetError, add_dataset_arguments
-from utils.evaluation import evaluate_checkpoint
-from utils.precision import PRECISIONS
+from utils.cli import setup_logging, user_errors_exit
+from utils.data.datasets import add_dataset_arguments
+from utils.evaluation.test import evaluate_checkpoint
+from utils.precision import AUTOCAST_PRECISIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,18 +28,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="draw this many best and worst images by their mIoU into <save-dir>/best_worst")
     parser.add_argument("--save-predictions", metavar="DIR", help="also write each prediction as a class-id PNG")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    parser.add_argument("--precision", choices=AUTOCAST_PRECISIONS, default="fp32",
                         help="fp32 (default: the figures a model card reports), auto (fp16 on CUDA), or bf16")
     return parser.parse_args(argv)
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.save_dir, "test.log")
-    try:
-        evaluate_checkpoint(args)
-    except (DatasetError, CheckpointError) as error:
-        return fail(error)
+    evaluate_checkpoint(args)
     return 0
 
 

@@ -11,10 +11,9 @@ import argparse
 import sys
 
 import config
-from utils.checkpoint import CheckpointError
-from utils.cli import fail, setup_logging
-from utils.datasets import DatasetError, add_dataset_arguments
-from utils.drawing_and_timing import compute_time, draw
+from utils.cli import positive_int, setup_logging, user_errors_exit
+from utils.data.datasets import add_dataset_arguments
+from utils.inference.test_draw import compute_time, draw
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,20 +25,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=None,
                         help="images per split to draw (default 20) or to time (default 100)")
     parser.add_argument("--warmup", type=int, default=5, help="compute_time: untimed runs first")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.count is None:
         args.count = 20 if args.command == "draw" else 100
     return args
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.save_dir, "test_draw.log")
-    try:
-        (draw if args.command == "draw" else compute_time)(args)
-    except (DatasetError, CheckpointError) as error:
-        return fail(error)
+    (draw if args.command == "draw" else compute_time)(args)
     return 0
 
 

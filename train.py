@@ -14,13 +14,12 @@ import sys
 import config
 from model.smp_models import ENCODERS
 from model.unet_parts import ACTIVATIONS, PADDING_MODES
-from utils.augment import PRESETS
-from utils.checkpoint import CheckpointError
-from utils.cli import fail, setup_logging
-from utils.datasets import DatasetError, add_dataset_arguments
-from utils.losses import CLASS_WEIGHT_MODES
-from utils.precision import PRECISIONS
-from utils.training import TrainingError, train
+from utils.cli import setup_logging, user_errors_exit
+from utils.data.augment import PRESETS
+from utils.data.datasets import add_dataset_arguments
+from utils.precision import AUTOCAST_PRECISIONS
+from utils.training.losses import CLASS_WEIGHT_MODES
+from utils.training.train import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     config.add_arguments(parser, "save_dir", "model", "base_width", "crop_size", "lr", "loss", "focal_alpha",
                          "focal_gamma", "epochs", "batch_size", "workers", "seed", "val_every")
     parser.add_argument("--augment", choices=PRESETS, default="basic",
-                        help="training augmentation preset (utils/augment.py): basic = scale, flip, crop; "
+                        help="training augmentation preset (utils/data/augment.py): basic = scale, flip, crop; "
                              "photometric adds colour, blur/noise, JPEG; weather adds fog, sun flare, rain or "
                              "shadow; strong adds rotation/shift/scale and grid distortion (default: basic)")
     parser.add_argument("--input-size", type=int, default=None,
@@ -66,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                               "at output stride 16): its 21 class logits feed the classes of the same names")
     encoder.add_argument("--distill-from", metavar="FILE",
                          help="the DeepLabV3 MobileNetV2 VOC weights as a teacher: its 21 classes guide the "
-                              "student's classes of the same names (utils/distillation.py)")
+                              "student's classes of the same names (utils/training/distillation.py)")
     encoder.add_argument("--distill-weight", type=float, default=1.0, help="weight of the distillation loss")
     parser.add_argument("--class-weights", help="conversion.json whose class_pixel_counts weight the loss "
                                                 "(median frequency)")
@@ -76,18 +75,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=None, help="at most this many batches per epoch")
     parser.add_argument("--resume", action="store_true", help="continue from <save-dir>/last.pth")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+    parser.add_argument("--precision", choices=AUTOCAST_PRECISIONS, default="auto",
                         help="auto: fp16 AMP on CUDA, fp32 on CPU; bf16: bfloat16 autocast (CPUs with bf16)")
     return parser.parse_args(argv)
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.save_dir, "train.log")
-    try:
-        train(args)
-    except (DatasetError, CheckpointError, TrainingError) as error:
-        return fail(error)
+    train(args)
     return 0
 
 

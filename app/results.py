@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.predictor import class_map_image
+from utils.drawing import class_map_image
 from utils.fileio import atomic_path
 
 SUFFIXES = {"overlay": ".jpg", "photo": ".photo.jpg", "mask": ".png", "json": ".json"}

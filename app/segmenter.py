@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.predictor import Predictor, render_overlay, summarize
+from utils.drawing import render_overlay
+from utils.inference.predictor import Predictor
+from utils.inference.summary import summarize
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.coco_convert import convert  # noqa: E402
+from utils.data.coco_convert import convert  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
 

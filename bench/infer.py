@@ -38,18 +38,13 @@ from app.coco_rle import class_rles
 from app.results import ResultFiles
 from app.uploads import decode_image
 from model import MODELS, build_model, model_meta
-from model.predictor import (
-    Prediction,
-    Predictor,
-    render_overlay,
-    summarize,
-    to_original_size,
-    top_class_and_confidence,
-)
 from utils.checkpoint import save_checkpoint
 from utils.classes import COCO_CLASSES
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from utils.drawing import render_overlay
+from utils.inference.predictor import Prediction, Predictor, to_original_size, top_class_and_confidence
+from utils.inference.summary import summarize
 from utils.precision import cpu_supports_bf16
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_MODEL = ROOT / "save" / "default" / "model.pth"
 SERVICE_GOAL = 1.5  # service path median / bf16 compute floor

@@ -4,7 +4,7 @@
                            [--model unet --base-width 64 | --model smp_unet --encoder mobilenet_v2]
 
 The pipeline: coco128 (../shared/data) converted to masks in a temporary folder, read by
-utils.datasets with each augmentation preset's transform (utils/augment.py: decode, random
+utils.data.datasets with each augmentation preset's transform (utils/data/augment.py: decode, random
 scale, flip, crop, then the preset's effects, normalise) and collated by a DataLoader with the
 configured workers; one figure per preset.  The step: forward,
 loss, backward and Adam on a batch of the same shape, of the model train.py builds from the same
@@ -32,18 +32,18 @@ import config
 import train
 from model import build_model, main_logits
 from model.smp_models import ENCODERS
-from utils.augment import PRESETS, train_transform
 from utils.classes import COCO_CLASSES, IGNORE_INDEX
-from utils.coco_convert import convert
-from utils.datasets import build_dataset
-from utils.precision import PRECISIONS, autocast
-from utils.training import arch_args
+from utils.data.augment import PRESETS, train_transform
+from utils.data.coco_convert import convert
+from utils.data.datasets import build_dataset
+from utils.precision import AUTOCAST_PRECISIONS, autocast
+from utils.training.prepare import arch_args
 
 COCO128 = SHARED / "coco128"
 
 
 def training_loader(masks: Path, args: argparse.Namespace, preset: str) -> DataLoader:
-    layout = argparse.Namespace(data_dir=str(COCO128), mask_dir=str(masks), train_split="train2017",
+    layout = argparse.Namespace(dataset="coco", data_dir=str(COCO128), mask_dir=str(masks), train_split="train2017",
                                 val_split="train2017")
     dataset = build_dataset(layout, "train", train_transform(preset, args.crop_size))
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--encoder", choices=ENCODERS, default="mobilenet_v2", help="with --model smp_*")
     parser.add_argument("--batches", type=int, default=48, help="batches timed from the loader")
     parser.add_argument("--steps", type=int, default=3, help="training steps timed (median)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="as train.py --precision")
+    parser.add_argument("--precision", choices=AUTOCAST_PRECISIONS, default="auto", help="as train.py --precision")
     parser.add_argument("--augment", choices=PRESETS, nargs="+", default=list(PRESETS),
                         help="presets to time (default: all)")
     args = parser.parse_args()

@@ -32,7 +32,7 @@ from benchlib import ROOT, background_load, cores, machine, median_ms, percentil
 
 from app.settings import DEFAULT_CHECKPOINT
 from app.uploads import decode_image
-from model.predictor import Predictor
+from utils.inference.predictor import Predictor
 
 THROUGHPUT_GOAL = 0.8  # x cores / single-request forward time
 TAIL_GOAL = 3.0  # p99 / p50

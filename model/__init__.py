@@ -4,6 +4,7 @@ Models return logits (N x C x H x W), or a torchvision-style dict whose ``"out"`
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,7 +15,7 @@ from model.segnet import SegNet
 from model.smp_models import deeplabv3plus_xception, smp_fpn, smp_pspnet, smp_unet
 from model.torchvision_models import TORCHVISION_MODELS
 from model.unet import UNet
-from utils.checkpoint import CheckpointError, load_state_dict_file
+from utils.checkpoint import CheckpointError, load_checkpoint, load_state_dict_file
 from utils.classes import IGNORE_INDEX, never_labelled_ids
 
 NEVER_LOGIT = -1e4  # exp(-1e4 - anything real) is 0, and fp16 still holds it
@@ -69,6 +70,13 @@ def model_from_checkpoint(checkpoint: dict) -> nn.Module:
         raise CheckpointError(f"the checkpoint's metadata and weights do not make a model: {error}") from error
     never_predict(model, never_labelled_ids(checkpoint["meta"]["class_names"]))
     return model
+
+
+def load_model(path: str | os.PathLike, device: torch.device) -> tuple[nn.Module, dict]:
+    """A model rebuilt from a checkpoint's own metadata, in eval mode on ``device``, and that metadata."""
+    checkpoint = load_checkpoint(path, map_location=device)
+    model = model_from_checkpoint(checkpoint)
+    return model.to(device, memory_format=torch.channels_last).eval(), checkpoint["meta"]
 
 
 def never_predict(model: nn.Module, class_ids: Sequence[int]) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from model import main_logits, min_input_size
+from utils.errors import UserError
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # The U-Net pads an upsampled map only when a pooled size was odd (model.unet_parts.pad_to_match).
@@ -40,7 +41,7 @@ def check_sizes(model: nn.Module) -> list[tuple[int, int]]:
     return [(height * scale, width * scale) for height, width in CHECK_SIZES]
 
 
-class NotExportable(ValueError):
+class NotExportable(UserError):
     """A model that torch.onnx cannot express; the message names the part."""
 
 
@@ -55,12 +56,16 @@ class LogitsOnly(nn.Module):
         return main_logits(self.model(images))
 
 
+class MissingPackage(UserError, ImportError):
+    """A package that exporting needs is not installed."""
+
+
 def require(module: str) -> None:
-    """Import ``module`` or raise an ImportError that says how to install it."""
+    """Import ``module`` or raise a MissingPackage that says how to install it."""
     try:
         __import__(module)
     except ImportError as error:
-        raise ImportError(f"{module} is not installed: pip install -r requirements-dev.txt") from error
+        raise MissingPackage(f"{module} is not installed: pip install -r requirements-dev.txt") from error
 
 
 def export_onnx(model: nn.Module) -> bytes:

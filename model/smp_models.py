@@ -23,8 +23,7 @@ from model.deeplab_voc import VOCHead, head_state
 from model.deeplabv3plus import dilate_beyond_output_stride
 from model.pyramid_pooling import use_exportable_pyramid_pooling
 from utils.checkpoint import CheckpointError, load_state_dict_file
-from utils.classes import VOC_CLASSES
-from utils.distillation import teacher_groups
+from utils.classes import VOC_CLASSES, teacher_groups
 
 ENCODERS = ("mobilenet_v2", "resnet18", "resnet34", "resnet50", "vgg16_bn")
 DILATABLE_ENCODERS = ("mobilenet_v2",)  # output stride 16 as DeepLab trained it (see dilate_encoder)

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import train
 from utils import distributed
 from utils.fileio import write_text
-from utils.training import Run, prepare, run_epoch
+from utils.training.prepare import Run, prepare
+from utils.training.train import run_epoch
 
 
 def configurations(weights: str, class_counts: str) -> dict[str, list[str]]:

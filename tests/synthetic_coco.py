@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from utils.coco_convert import convert
+from utils.data.coco_convert import convert
 
 CATEGORY_COLOURS = {1: (220, 40, 40), 3: (40, 200, 40), 18: (40, 60, 220), 44: (230, 210, 30)}
 CATEGORY_NAMES = {1: "person", 3: "car", 18: "dog", 44: "bottle"}

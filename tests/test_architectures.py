@@ -16,10 +16,11 @@ from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 import train
 from model import MODELS, build_model, load_pretrained, main_logits, model_meta
 from model.deeplabv3plus import DeepLabV3Plus
-from model.predictor import Predictor
 from utils.checkpoint import save_checkpoint
-from utils.training import TrainingError, check_options, compute_loss
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from utils.inference.predictor import Predictor
+from utils.training.prepare import TrainingError, check_options
+from utils.training.train import compute_loss
 
 NUM_CLASSES = 3
 CLASS_NAMES = ["background", "cat", "dog"]

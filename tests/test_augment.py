@@ -12,8 +12,8 @@ from torchvision import tv_tensors
 
 import train
 from tests.test_transforms import blocky_pair, denormalise, interior
-from utils.augment import PRESETS, GridDistortion, augmentation, moving_geometry, train_transform
-from utils.training import plain_config
+from utils.data.augment import PRESETS, GridDistortion, augmentation, moving_geometry, train_transform
+from utils.training.state import plain_config
 
 CROP = 96
 SEEDS = range(6)

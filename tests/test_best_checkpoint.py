@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from utils.training import is_better
+from utils.training.state import is_better
 
 
 @pytest.mark.parametrize("best_by,rows,expected", [

@@ -13,12 +13,11 @@ from torchvision.models import mobilenet_v2 as torchvision_mobilenet_v2
 
 import test as test_script
 import train
-from model import build_model, load_pretrained, model_meta
-from model.predictor import Predictor
+from model import build_model, load_model, load_pretrained, model_meta
 from tests.synthetic_coco import make_training_root
 from tests.tiny_checkpoint import make_checkpoint
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.evaluation import load_model
+from utils.inference.predictor import Predictor
 
 
 class Payload:

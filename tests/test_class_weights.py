@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import train
 from tests.test_losses import IGNORE, focal_by_hand, logits_and_target
-from utils.training import make_criterion
+from utils.training.prepare import make_criterion
 
 COUNTS = [1600, 0, 400, 100]  # the median of the seen counts (100, 400, 1600) is 400
 WEIGHTS = {  # by hand: median / count, and its square root; an unseen class weighs 0

@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 import cocomask_to_numpy
 from tests.conftest import ROOT, shared_dataset
 from tests.synthetic_coco import make_coco
-from utils.coco_convert import Rules, convert
+from utils.data.coco_convert import Rules, convert
 
 
 def expected_masks(annotation_file: Path, rules: Rules) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from pycocotools.coco import COCO
 
-from utils.coco_convert import convert
+from utils.data.coco_convert import convert
 
 PaintOrder = Callable[[list[dict]], list[dict]]
 

@@ -13,8 +13,8 @@ import train
 from tests.conftest import shared_dataset
 from tools import dataset as dataset_tool
 from utils.classes import palette
-from utils.dataset_tools import GRID_CELL, GRID_DRAWS
-from utils.datasets import DatasetError, add_dataset_arguments, build_dataset
+from utils.data.dataset_tool import GRID_CELL, GRID_DRAWS
+from utils.data.datasets import DatasetError, add_dataset_arguments, build_dataset
 
 
 def options(*argv: str) -> argparse.Namespace:

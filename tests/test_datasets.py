@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.coco_convert import convert
-from utils.datasets import DatasetError, coco_mask_dataset
-from utils.transforms import TrainTransform
+from utils.data.coco_convert import convert
+from utils.data.datasets import DatasetError, coco_mask_dataset
+from utils.data.transforms import TrainTransform
 
 
 @pytest.fixture()

@@ -14,9 +14,9 @@ from pycocotools.coco import COCO
 
 from app import create_app
 from app.settings import DEFAULT_CHECKPOINT
-from model.predictor import Predictor
 from tests.conftest import ROOT, SHARED_DATA
 from utils.checkpoint import load_checkpoint
+from utils.inference.predictor import Predictor
 
 CARD = ROOT / "MODEL_CARD.md"
 RECORD = DEFAULT_CHECKPOINT.with_suffix(".json")

@@ -23,14 +23,21 @@ from app import create_app
 from model import build_model, model_meta
 from model.deeplab_voc import DeepLabV3VOC, load_voc_teacher
 from model.encoder_weights import load_encoder_weights
-from model.predictor import Predictor
 from model.smp_models import AnySizeModel, load_voc_head
 from tests.synthetic_coco import make_training_root
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from utils.classes import COCO_CLASSES, COCO_UNUSED_IDS, IGNORE_INDEX, VOC_CLASSES, VOC_TO_COCO_NAMES
-from utils.distillation import GroupedDistillation, teacher_groups
-from utils.training import TrainingError, check_options
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
+from utils.classes import (
+    COCO_CLASSES,
+    COCO_UNUSED_IDS,
+    IGNORE_INDEX,
+    VOC_CLASSES,
+    VOC_TO_COCO_NAMES,
+    teacher_groups,
+)
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from utils.inference.predictor import Predictor
+from utils.training.distillation import GroupedDistillation
+from utils.training.prepare import TrainingError, check_options
 
 ENCODER_RUN = ["--model", "smp_unet", "--encoder", "mobilenet_v2", "--encoder-output-stride", "16",
                "--crop-size", "64", "--batch-size", "2", "--workers", "0", "--epochs", "2", "--max-steps", "3",

@@ -17,14 +17,14 @@ from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 from model import build_model, model_meta
 from model.deeplab_voc import load_voc_teacher
 from model.encoder_weights import EncoderWeightsError, encoder_key, load_encoder_weights
-from model.predictor import Predictor
 from model.smp_models import ENCODERS
 from tests.conftest import SHARED_DATA, shared_weights
 from utils.checkpoint import CheckpointError, save_checkpoint
 from utils.classes import VOC_CLASSES
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from utils.fileio import file_sha256
-from utils.training import parameter_groups
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+from utils.inference.predictor import Predictor
+from utils.training.prepare import parameter_groups
 
 IMAGENET_FILE = "mobilenet_v2-tf2ptq-6cf85aa2.pth"
 DEEPLAB_FILE = "deeplabv3_mobilenet_v2_voc-tfqat-eeae4f3a.pth"

@@ -12,13 +12,15 @@ from torch import nn
 
 import test as test_script
 from model import build_model, model_meta
-from model.predictor import PIXELS_PER_CHUNK, rows_per_chunk, top_class_and_confidence
 from tests.synthetic_coco import make_training_root
-from utils import distributed, evaluation, training
+from utils import distributed
 from utils.checkpoint import save_checkpoint
 from utils.classes import COCO_CLASSES
-from utils.losses import CrossEntropyDiceLoss
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from utils.evaluation import loop as evaluation
+from utils.inference.predictor import PIXELS_PER_CHUNK, rows_per_chunk, top_class_and_confidence
+from utils.training import train as training
+from utils.training.losses import CrossEntropyDiceLoss
 
 
 class FlagRecorder(nn.Module):

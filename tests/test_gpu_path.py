@@ -12,9 +12,10 @@ import torch
 import train
 from model import build_model
 from tests.synthetic_coco import make_coco
-from utils.coco_convert import convert
+from utils.data.coco_convert import convert
 from utils.precision import autocast
-from utils.training import prepare, train_one_epoch
+from utils.training.prepare import prepare
+from utils.training.train import train_one_epoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device on this machine; the GPU path is checked where one exists")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.losses import FocalLoss, build_loss, class_weights_from_counts
+from utils.training.losses import FocalLoss, build_loss, class_weights_from_counts
 
 IGNORE = 255
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from utils.classes import COCO_UNUSED_IDS, NUM_COCO_CLASSES
-from utils.metrics import ConfusionMatrix
+from utils.evaluation.metrics import ConfusionMatrix
 
 IGNORE = 255
 

@@ -8,15 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-import model.predictor
-from model.predictor import Predictor
 from tests.synthetic_coco import make_coco
 from tests.tiny_checkpoint import make_checkpoint
 from tools import guard_precision
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.classes import COCO_CLASSES
-from utils.coco_convert import convert
-from utils.precision_guard import (
+from utils.data.coco_convert import convert
+from utils.inference import predictor as predictor_module
+from utils.inference.precision_guard import (
     MAX_MIOU_DROP_POINTS,
     MIN_AGREEMENT,
     compare_precisions,
@@ -26,13 +25,14 @@ from utils.precision_guard import (
     read_guard,
     write_guard,
 )
+from utils.inference.predictor import Predictor
 
 
 @pytest.fixture
 def native_bf16(monkeypatch):
     """Every CPU can run bf16 autocast (emulated where it lacks the instructions), so the choice
     the service makes on a bf16 CPU is tested on any machine."""
-    monkeypatch.setattr(model.predictor, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(predictor_module, "cpu_supports_bf16", lambda: True)
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +157,9 @@ def test_each_device_and_dtype_has_its_own_verdict(tmp_path):
     assert not precision_allowed(checkpoint, "cuda", "fp16")
     # CUDA's "auto" reads the cuda/fp16 verdict, never the CPU's bf16 one.
     cuda = torch.device("cuda")
-    assert model.predictor.choose_precision("auto", cuda, model.predictor.guard_of(checkpoint, cuda)) == "fp32"
+    assert predictor_module.choose_precision("auto", cuda, predictor_module.guard_of(checkpoint, cuda)) == "fp32"
     write_guard(checkpoint, dict(FIGURES, miou_fp16=0.5), "cuda", "fp16")
-    assert model.predictor.choose_precision("auto", cuda, model.predictor.guard_of(checkpoint, cuda)) == "fp16"
+    assert predictor_module.choose_precision("auto", cuda, predictor_module.guard_of(checkpoint, cuda)) == "fp16"
 
 
 def test_a_record_from_before_verdicts_per_device_is_the_cpu_bf16_verdict(tmp_path, native_bf16):
@@ -183,5 +183,5 @@ def test_the_command_refuses_fp16_on_the_cpu_and_cuda_without_a_gpu_in_one_line(
 
 def test_fp16_is_asked_for_on_cuda_only():
     with pytest.raises(ValueError, match="fp16 runs on CUDA only"):
-        model.predictor.choose_precision("fp16", torch.device("cpu"), lambda dtype: True)
-    assert model.predictor.choose_precision("fp16", torch.device("cuda"), lambda dtype: False) == "fp16"
+        predictor_module.choose_precision("fp16", torch.device("cpu"), lambda dtype: True)
+    assert predictor_module.choose_precision("fp16", torch.device("cuda"), lambda dtype: False) == "fp16"

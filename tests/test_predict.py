@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 import predict
-from model.predictor import Predictor
 from tests.conftest import ROOT
 from tests.tiny_checkpoint import CLASS_NAMES, make_checkpoint
 from utils.fileio import load_rgb
-from utils.media_prediction import output_stems
+from utils.inference.predict import output_stems
+from utils.inference.predictor import Predictor
 
 IMAGE_SIZES = {"a.png": (60, 40), "b.jpg": (40, 60), "c.bmp": (56, 36)}  # name -> (width, height)
 VIDEO_FRAMES, VIDEO_SIZE, VIDEO_FPS = 12, (64, 48), 10.0

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import model.predictor
 from model import build_model, model_meta
-from model.predictor import PIXELS_PER_CHUNK, Predictor, top_class_and_confidence
 from utils.checkpoint import save_checkpoint
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+from utils.inference import predictor as predictor_module
+from utils.inference.predictor import PIXELS_PER_CHUNK, Predictor, top_class_and_confidence
 
 CLASS_NAMES = [f"class{i}" for i in range(5)]
 # Long side 80: a 53x37 photo becomes 80x56, padded to 80x64 = 5120 network pixels, more than
@@ -88,7 +88,7 @@ def plain_top_class(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("chunk", [PIXELS_PER_CHUNK, 7, 1000])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_top_class_and_confidence_equals_a_plain_softmax_over_every_chunk(monkeypatch, chunk, channels_last):
-    monkeypatch.setattr(model.predictor, "PIXELS_PER_CHUNK", chunk)
+    monkeypatch.setattr(predictor_module, "PIXELS_PER_CHUNK", chunk)
     height, width = 67, 71  # 4757 pixels: more than one real chunk, and no multiple of any chunk above
     assert height * width > PIXELS_PER_CHUNK and (height * width) % chunk
     logits = 4 * torch.randn(1, 6, height, width, generator=torch.Generator().manual_seed(chunk))

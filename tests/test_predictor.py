@@ -8,21 +8,15 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-import model.predictor
-from model import build_model, model_meta
-from model.predictor import (
-    Prediction,
-    Predictor,
-    choose_precision,
-    pick_device,
-    render_overlay,
-    summarize,
-)
+from model import build_model, load_model, model_meta
 from tests.tiny_checkpoint import make_checkpoint
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.classes import palette
-from utils.evaluation import load_model
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+from utils.drawing import render_overlay
+from utils.inference import predictor as predictor_module
+from utils.inference.predictor import Prediction, Predictor, choose_precision, pick_device
+from utils.inference.summary import summarize
 
 NUM_CLASSES = 6
 INPUT_SIZE = (32, 48)  # long side 48: the network sees at most 48 pixels a side
@@ -202,14 +196,14 @@ def test_overlay_refuses_a_class_map_of_another_size():
     ("fp32", "cuda", False, True, "fp32"),
 ])
 def test_choose_precision_follows_hardware_guard_and_request(monkeypatch, requested, device, native, guard, expected):
-    monkeypatch.setattr(model.predictor, "cpu_supports_bf16", lambda: native)
+    monkeypatch.setattr(predictor_module, "cpu_supports_bf16", lambda: native)
     assert choose_precision(requested, torch.device(device), lambda dtype: guard) == expected
 
 
 def test_the_guard_is_not_read_when_it_cannot_change_the_choice(monkeypatch):
     def unreadable(dtype: str) -> bool:
         raise AssertionError("guard consulted")
-    monkeypatch.setattr(model.predictor, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(predictor_module, "cpu_supports_bf16", lambda: False)
     assert choose_precision("auto", torch.device("cpu"), unreadable) == "fp32"
     assert choose_precision("fp32", torch.device("cuda"), unreadable) == "fp32"
 
@@ -222,7 +216,7 @@ def test_unknown_precision_or_backend_is_refused(checkpoint_path):
 
 
 def test_bf16_predictions_are_valid_and_mostly_agree_with_fp32(checkpoint_path, predictor, monkeypatch):
-    monkeypatch.setattr(model.predictor, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(predictor_module, "cpu_supports_bf16", lambda: True)
     bf16 = Predictor.from_checkpoint(checkpoint_path, device="cpu", precision="bf16")
     assert bf16.precision == "bf16" and predictor.precision == "fp32"  # no guard record: auto stays fp32
     image = noise_image(53, 37)

@@ -9,7 +9,7 @@ from model import build_model, model_from_checkpoint, model_meta
 from model.pyramid_pooling import use_exportable_pyramid_pooling
 from model.smp_models import PSPNET_DEPTH, over_encoder
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def full_encoder_pspnet(encoder: str) -> torch.nn.Module:

@@ -11,7 +11,9 @@ import torch
 import train
 from tests.synthetic_coco import make_training_root
 from utils import distributed
-from utils.training import Run, prepare, resume, run_epoch, save_epoch
+from utils.training.prepare import Run, prepare
+from utils.training.state import resume
+from utils.training.train import run_epoch, save_epoch
 
 STEPS_PER_EPOCH = 2  # 4 images, batch size 2
 

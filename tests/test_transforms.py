@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from utils.classes import palette
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
 
 COLOURS = palette(8).astype(np.int64)
 

@@ -7,7 +7,7 @@ import torch
 
 from model import build_model, model_meta
 from utils.checkpoint import save_checkpoint
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CLASS_NAMES = ["background", "water", "<b>tag</b>"]  # the third checks that pages escape names
 

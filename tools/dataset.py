@@ -19,11 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config  # noqa: E402
-from utils.augment import PRESETS, train_transform  # noqa: E402
-from utils.cli import fail, setup_logging  # noqa: E402
-from utils.dataset_layouts import LayoutError  # noqa: E402
-from utils.dataset_tools import augmented_grid, format_class_shares, verify, visualize, write_splits  # noqa: E402
-from utils.datasets import DatasetError, add_dataset_arguments, build_dataset  # noqa: E402
+from utils.cli import setup_logging, user_errors_exit  # noqa: E402
+from utils.data.augment import PRESETS, train_transform  # noqa: E402
+from utils.data.dataset_tool import augmented_grid, format_class_shares, verify, visualize, write_splits  # noqa: E402
+from utils.data.datasets import PairedDataset, add_dataset_arguments, build_dataset  # noqa: E402
 from utils.fileio import atomic_path  # noqa: E402
 
 
@@ -44,32 +43,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.out or "save", "dataset.log")
-    try:
-        if args.command == "split":
-            counts = write_splits(Path(args.data_dir), Path(args.out), args.ratios, args.seed, args.dataset == "voc")
-            print(", ".join(f"{name}: {count}" for name, count in counts.items()) + f" -> {args.out}")
-            return 0
-        dataset = build_dataset(args, args.split)
-        if args.command == "visualize" and args.augment:
-            grid = augmented_grid(dataset, train_transform(args.augment, args.crop_size), args.count, args.seed)
-            path = Path(args.out) / f"augment_{args.augment}.jpg"
-            with atomic_path(path) as tmp:
-                grid.save(tmp, format="JPEG", quality=90)
-            print(f"wrote {path}")
-            return 0
-        if args.command == "visualize":
-            print(f"wrote {visualize(dataset, Path(args.out), args.count, args.seed)} overlays to {args.out}")
-            return 0
-        problems, counts = verify(dataset)
-    except (DatasetError, LayoutError) as error:
-        return fail(error)
+def write_augmented_grid(args: argparse.Namespace, dataset: PairedDataset) -> None:
+    grid = augmented_grid(dataset, train_transform(args.augment, args.crop_size), args.count, args.seed)
+    path = Path(args.out) / f"augment_{args.augment}.jpg"
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="JPEG", quality=90)
+    print(f"wrote {path}")
+
+
+def report_verification(dataset: PairedDataset) -> int:
+    """Print the problems found and the class shares; 1 when there are problems."""
+    problems, counts = verify(dataset)
     print(f"{len(dataset)} pairs, {len(problems)} with problems")
     print("\n".join(problems[:50]))
     print(format_class_shares(counts, dataset.class_names))
     return 1 if problems else 0
+
+
+@user_errors_exit
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.out or "save", "dataset.log")
+    if args.command == "split":
+        counts = write_splits(Path(args.data_dir), Path(args.out), args.ratios, args.seed, args.dataset == "voc")
+        print(", ".join(f"{name}: {count}" for name, count in counts.items()) + f" -> {args.out}")
+        return 0
+    dataset = build_dataset(args, args.split)
+    if args.command == "verify":
+        return report_verification(dataset)
+    if args.augment:
+        write_augmented_grid(args, dataset)
+    else:
+        print(f"wrote {visualize(dataset, Path(args.out), args.count, args.seed)} overlays to {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ with save/default/model.json (its metrics, settings and sha256).  Runs on a GPU 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -23,12 +25,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import test as test_script  # noqa: E402
 import train  # noqa: E402
-from model.predictor import Predictor  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from utils.coco_convert import convert  # noqa: E402
+from utils.data.coco_convert import convert  # noqa: E402
 from utils.fileio import atomic_path, file_sha256, load_rgb, write_text  # noqa: E402
+from utils.inference.predictor import Predictor  # noqa: E402
 
 # (name, annotation file, image folder) under ../shared/data.  tiny-coco's split names are
 # swapped upstream; both halves are training data here, so that does not matter.
@@ -40,6 +41,17 @@ TRAIN_SOURCES = [
     ("coco-val-panoptic", "coco-val-panoptic/annotations/instances_val2017.json", "coco-val-panoptic/val2017"),
 ]
 VAL_SOURCE = ("coco-tiny-val", "coco-tiny/annotations/instances_val2017.json", "coco-tiny/val2017")
+
+def load_script(name: str) -> ModuleType:
+    """A top-level script as a module, loaded from its file: ``import test`` would shadow the standard
+    library's ``test`` package for the rest of the process."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+test_script = load_script("test")
 
 WEIGHTS = {"imagenet": "mobilenet_v2-tf2ptq-6cf85aa2.pth", "deeplab": "deeplabv3_mobilenet_v2_voc-tfqat-eeae4f3a.pth"}
 

@@ -15,22 +15,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model import load_model  # noqa: E402
 from model.export_onnx import (  # noqa: E402
-    NotExportable,
     check_sizes,
     export_onnx,
     largest_difference,
     onnxruntime_session,
 )
-from utils.checkpoint import CheckpointError  # noqa: E402
-from utils.cli import fail  # noqa: E402
-from utils.evaluation import load_model  # noqa: E402
+from utils.cli import user_errors_exit  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.fileio import atomic_path  # noqa: E402
 
 TOLERANCE = 1e-3  # largest absolute logit difference accepted between ONNX Runtime and PyTorch
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The exported model does not reproduce PyTorch's logits."""
 
 
@@ -46,16 +45,14 @@ def export_checkpoint(checkpoint: str, out: Path) -> tuple[float, list[tuple[int
     return difference, check_sizes(model)
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out", type=Path, help="default: the checkpoint's path with .onnx")
     args = parser.parse_args(argv)
     out = args.out or Path(args.checkpoint).with_suffix(".onnx")
-    try:
-        difference, checked = export_checkpoint(args.checkpoint, out)
-    except (CheckpointError, ExportError, NotExportable, ImportError) as error:
-        return fail(error)
+    difference, checked = export_checkpoint(args.checkpoint, out)
     sizes = ", ".join(f"{w}x{h}" for h, w in checked)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); largest logit difference to PyTorch "
           f"over {sizes}: {difference:.2e}")

@@ -73,7 +73,7 @@ predictor_in() {  # predictor_in PRECISION: the Predictor runs in it and gives a
 import sys; sys.path.insert(0, '.')
 import numpy as np
 from PIL import Image
-from model.predictor import Predictor
+from utils.inference.predictor import Predictor
 predictor = Predictor.from_checkpoint('$MODEL', device='$DEVICE', precision='$1')
 prediction = predictor.predict(Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), np.uint8)))
 assert prediction.class_map.shape == (120, 160) and np.isfinite(prediction.confidence).all()

@@ -20,12 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import config  # noqa: E402
-from model.predictor import Predictor  # noqa: E402
-from utils.checkpoint import CheckpointError  # noqa: E402
-from utils.cli import fail  # noqa: E402
-from utils.datasets import DatasetError, build_dataset  # noqa: E402
-from utils.precision_guard import (  # noqa: E402
+from utils.cli import positive_int, user_errors_exit  # noqa: E402
+from utils.data.datasets import add_dataset_arguments, build_dataset  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.inference.precision_guard import (  # noqa: E402
     MAX_MIOU_DROP_POINTS,
     MIN_AGREEMENT,
     compare_precisions,
@@ -33,25 +31,23 @@ from utils.precision_guard import (  # noqa: E402
     verdict_key,
     write_guard,
 )
+from utils.inference.predictor import Predictor  # noqa: E402
 
 
-class GuardError(ValueError):
+class GuardError(UserError):
     """The comparison cannot be made as asked."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a .pth written by train.py")
-    config.add_arguments(parser, "data_dir", "mask_dir")
-    parser.add_argument("--val-split", default="val2017", help="image/mask sub-folder to compare on")
+    add_dataset_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="compare on the first N images only")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the verdict holds")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16",
                         help="the reduced precision to judge (bf16 on the CPU; fp16, what CUDA serves, or bf16)")
-    args = parser.parse_args(argv)
-    args.train_split = args.val_split  # build_dataset names both splits; only "val" is read
-    return args
+    return parser.parse_args(argv)
 
 
 def load_pair(args: argparse.Namespace) -> tuple[Predictor, Predictor]:
@@ -92,12 +88,10 @@ def report(record: dict, checkpoint: str, device: str, dtype: str) -> str:
             f"(written to {guard_path(checkpoint)})")
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        record = run(args)
-    except (DatasetError, CheckpointError, GuardError) as error:
-        return fail(error)
+    record = run(args)
     print(report(record, args.checkpoint, args.device, args.dtype))
     return 0
 

@@ -1,1 +1,2 @@
-"""Data, losses, metrics and the training/evaluation machinery shared by the scripts."""
+"""Shared helpers (classes and palette, file I/O, checkpoint I/O, precision, distributed set-up, CLI,
+errors, drawing) and one package per pipeline stage: data -> evaluation -> training, inference."""

@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
+from utils.errors import UserError
 from utils.fileio import atomic_path
 
 META_KEYS = ("arch", "arch_args", "num_classes", "class_names", "input_size", "mean", "std")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file is missing, unreadable or lacks what we need."""
 
 

@@ -56,6 +56,16 @@ def never_labelled_ids(class_names: Sequence[str]) -> list[int]:
     return [index for index, name in enumerate(class_names) if name in placeholders]
 
 
+def teacher_groups(teacher_classes: Sequence[str], student_classes: Sequence[str]) -> list[int]:
+    """For each student class, the index of the teacher class it belongs to (0 = the teacher's
+    background, for student classes the teacher does not know)."""
+    by_name = {VOC_TO_COCO_NAMES.get(name, name): index for index, name in enumerate(teacher_classes)}
+    groups = [by_name.get(name, 0) for name in student_classes]
+    if len(set(groups)) < 2:
+        raise ValueError("the teacher shares no class name with the student: nothing to distil")
+    return groups
+
+
 def palette(num_classes: int) -> np.ndarray:
     """A (num_classes, 3) uint8 colour table, the Pascal-VOC bit-interleaved scheme.
 

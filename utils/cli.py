@@ -1,10 +1,18 @@
-"""What every script does the same way: logging and turning known errors into one clear line."""
+"""What every script does the same way: logging, and the user's mistakes (UserError) as one clear line."""
 from __future__ import annotations
 
+import argparse
+import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec
+
+from utils.errors import UserError
+
+Arguments = ParamSpec("Arguments")
 
 
 def setup_logging(save_dir: str | os.PathLike, file_name: str) -> None:
@@ -16,6 +24,14 @@ def setup_logging(save_dir: str | os.PathLike, file_name: str) -> None:
         handlers.append(logging.FileHandler(Path(save_dir) / file_name))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def fail(error: BaseException) -> int:
@@ -32,3 +48,15 @@ def fail(error: BaseException) -> int:
         message = lines[0]
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def user_errors_exit(main: Callable[Arguments, int]) -> Callable[Arguments, int]:
+    """A script's ``main`` whose UserErrors end it with one line and exit code 2 (see ``fail``); any
+    other exception is a bug and keeps its traceback."""
+    @functools.wraps(main)
+    def guarded(*args: Arguments.args, **kwargs: Arguments.kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            return fail(error)
+    return guarded

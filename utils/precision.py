@@ -10,7 +10,9 @@ import contextlib
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+# Training and evaluation autocast; their "auto" is fp16 on CUDA and fp32 on the CPU.  The service's
+# "auto" means something else (a guarded choice): utils/inference/predictor.py's SERVING_PRECISIONS.
+AUTOCAST_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def cpu_supports_bf16() -> bool:
@@ -24,8 +26,8 @@ def autocast(device: torch.device, precision: str = "auto") -> contextlib.Abstra
 
     ``auto``: fp16 on CUDA, fp32 on the CPU.  ``bf16``: bfloat16 on either (CPU only if supported).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision not in AUTOCAST_PRECISIONS:
+        raise ValueError(f"precision must be one of {AUTOCAST_PRECISIONS}, not {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
     if device.type == "cuda":

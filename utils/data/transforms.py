@@ -20,19 +20,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SIZE_MULTIPLE = 16  # four 2x poolings in the U-Net
 
 
+def normalise(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """(...) x 3 x H x W float in [0, 1] -> normalised float32, on the image's device and in its memory
+    layout: the one normalisation of training, evaluation and the Predictor."""
+    mean_planes = torch.tensor(mean, dtype=torch.float32, device=image.device).view(3, 1, 1)
+    std_planes = torch.tensor(std, dtype=torch.float32, device=image.device).view(3, 1, 1)
+    return image.sub(mean_planes).div_(std_planes)
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1]."""
+    return pixels.float().mul_(np.float32(1 / 255))
+
+
 def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """HxWx3 uint8 -> normalised 3xHxW float32."""
-    scale = np.float32(1 / 255)
-    normalised = (image.astype(np.float32) * scale - np.float32(mean)) / np.float32(std)
-    return torch.from_numpy(normalised.transpose(2, 0, 1).copy())
+    # astype copies, so the tensor is writable even when the array (a PIL image's) is not.
+    planes = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)
+    return normalise(to_unit_range(planes), mean, std).contiguous()
 
 
-def normalise(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """3xHxW float in [0, 1] -> normalised 3xHxW float32."""
-    return (image - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-
-
-# (crop, mask, seed) -> float image in [0, 1] and int64 mask: an augmentation preset (utils/augment.py)
+# (crop, mask, seed) -> float image in [0, 1] and int64 mask: an augmentation preset (utils/data/augment.py)
 Augmentation = Callable[[np.ndarray, np.ndarray, int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -65,7 +73,7 @@ def random_crop_pair(image: np.ndarray, mask: np.ndarray, height: int, width: in
 @dataclass
 class TrainTransform:
     """Random scale (aspect kept), horizontal flip, crop to ``crop_size`` padding if needed: the
-    ``basic`` preset; an ``augmentation`` (utils/augment.py) continues from the crop."""
+    ``basic`` preset; an ``augmentation`` (utils/data/augment.py) continues from the crop."""
     crop_size: int = 512
     scale_range: tuple[float, float] = (0.75, 1.25)
     flip_probability: float = 0.5

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils.evaluation.metrics import ConfusionMatrix
 from utils.fileio import file_sha256, write_text
-from utils.metrics import ConfusionMatrix
 
 MIN_AGREEMENT = 0.995  # fraction of pixels whose class is the same in fp32 and the reduced precision
 MAX_MIOU_DROP_POINTS = 0.2  # mIoU(fp32) - mIoU(reduced), in points (0-100 scale)

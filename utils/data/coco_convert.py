@@ -14,6 +14,7 @@ from pycocotools import mask as coco_mask
 from tqdm import tqdm
 
 from utils.classes import IGNORE_INDEX, NUM_COCO_CLASSES
+from utils.errors import UserError
 from utils.fileio import save_npy, write_text
 
 CROWD_CHOICES = ("ignore", "label", "skip")
@@ -28,7 +29,7 @@ with their category like any instance; --crowd skip drops them. --overlap ignore
 covered by two or more instances to 255 (as torchvision's reference scripts do)."""
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """The annotations or images cannot be converted; the message says why."""
 
 

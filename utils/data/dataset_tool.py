@@ -1,4 +1,4 @@
-"""Dataset chores: split lists, a verification report, and overlays to look at."""
+"""tools/dataset.py's engine: split lists, a verification report, and overlays to look at."""
 from __future__ import annotations
 
 import logging
@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from model.predictor import render_overlay
 from utils.classes import IGNORE_INDEX
-from utils.dataset_layouts import LIST_PAIR_FOLDERS, LayoutError, pair_folders
-from utils.datasets import DatasetError, PairedDataset
+from utils.data.datasets import DatasetError, PairedDataset
+from utils.data.layouts import LIST_PAIR_FOLDERS, LayoutError, pair_folders
+from utils.data.transforms import TrainTransform
+from utils.drawing import truth_overlay
 from utils.fileio import atomic_path, write_text
-from utils.transforms import TrainTransform
 
 log = logging.getLogger("dataset")
 SPLIT_NAMES = ("train", "val", "test")
@@ -82,8 +82,7 @@ def visualize(dataset: PairedDataset, out: Path, count: int, seed: int) -> int:
     chosen = sorted(random.Random(seed).sample(range(len(dataset)), min(count, len(dataset))))
     for index in tqdm(chosen, desc="visualize", dynamic_ncols=True):
         image, mask = dataset.load(index)
-        labels = np.where(mask == IGNORE_INDEX, 0, mask).astype(np.uint8)  # ignore shown as the plain photo
-        overlay = render_overlay(Image.fromarray(image), labels)
+        overlay = truth_overlay(Image.fromarray(image), mask)
         with atomic_path(out / f"{dataset.pairs[index][0].stem}_overlay.jpg") as tmp:
             overlay.save(tmp, format="JPEG", quality=90)
     return len(chosen)
@@ -99,14 +98,6 @@ def unnormalise(image: torch.Tensor, transform: TrainTransform) -> np.ndarray:
     return ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
-def mask_overlay(image: np.ndarray, mask: np.ndarray) -> Image.Image:
-    """The mask over the image: classes in their palette colours, ignore in white, background plain."""
-    overlay = render_overlay(Image.fromarray(image), np.where(mask == IGNORE_INDEX, 0, mask).astype(np.uint8))
-    pixels = np.array(overlay)
-    pixels[mask == IGNORE_INDEX] = 255
-    return Image.fromarray(pixels)
-
-
 def augmented_grid(dataset: PairedDataset, transform: TrainTransform, count: int, seed: int) -> Image.Image:
     """One row per chosen image: GRID_DRAWS augmented samples, each as the crop and, beside it, its
     mask over it, so that a user sees what training will see before training."""
@@ -116,8 +107,8 @@ def augmented_grid(dataset: PairedDataset, transform: TrainTransform, count: int
         image, mask = dataset.load(index)
         for draw in range(GRID_DRAWS):
             tensor, labels = transform(image, mask, random.Random(f"{seed}/{index}/{draw}"))  # distinct for any index
-            crop, labels = unnormalise(tensor, transform), labels.numpy()
-            for column, cell in enumerate((Image.fromarray(crop), mask_overlay(crop, labels))):
+            crop = Image.fromarray(unnormalise(tensor, transform))
+            for column, cell in enumerate((crop, truth_overlay(crop, labels.numpy(), paint_ignore=True))):
                 grid.paste(cell.resize((GRID_CELL, GRID_CELL), Image.Resampling.NEAREST),
                            ((2 * draw + column) * GRID_CELL, row * GRID_CELL))
     return grid

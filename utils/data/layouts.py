@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from utils.classes import IGNORE_INDEX, palette
+from utils.errors import UserError
 from utils.fileio import displayed_size
 
 log = logging.getLogger("data")
@@ -33,7 +34,7 @@ LIST_PAIR_FOLDERS = (("images", "masks"), ("Image", "Mask"), ("images", "annotat
 BINARY_THRESHOLD = 128  # anti-aliased 0/255 masks: the edge greys go to the nearer side
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError):
     """The dataset's files are not where any known layout puts them."""
 
 
@@ -107,7 +108,7 @@ def folder_pairs(root: Path, split: str, split_dir: Path | None = None) -> list[
         if images.is_dir() and masks.is_dir():
             return pair_folders(images, masks)
     raise LayoutError(f"no '{split}' split in {root}: expected {split}_images/ + {split}_masks/ (or another "
-                      f"layout in utils/dataset_layouts.py) or a list {split}.txt; "
+                      f"layout in utils/data/layouts.py) or a list {split}.txt; "
                       "`python tools/dataset.py split` writes lists")
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from utils import distributed
 from utils.classes import IGNORE_INDEX
 
 
@@ -33,8 +33,7 @@ class ConfusionMatrix:
 
     def reduce_from_all_processes(self) -> None:
         """Sum the counts of every process, when running distributed."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.matrix)
+        distributed.all_reduce_sum(self.matrix)
 
     def compute(self) -> dict:
         """Plain-Python metrics (JSON-ready); per-class lists are indexed by class id."""

@@ -28,17 +28,18 @@ from torch import nn
 from model import main_logits, min_input_size, model_from_checkpoint
 from model.export_onnx import export_onnx, onnxruntime_session, run_session
 from utils.checkpoint import load_checkpoint
-from utils.classes import palette
+from utils.data.transforms import SIZE_MULTIPLE, normalise, padded_size, to_unit_range
 from utils.fileio import to_rgb
-from utils.precision import PRECISIONS, cpu_supports_bf16
-from utils.precision_guard import precision_allowed
-from utils.transforms import SIZE_MULTIPLE, padded_size
+from utils.inference.precision_guard import precision_allowed
+from utils.precision import cpu_supports_bf16
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PREDICTOR_PRECISIONS = (*PRECISIONS, "fp16")  # fp16: CUDA only, asked for by name
+# What the Predictor and the service run in; "auto" is the guarded choice of choose_precision (not
+# training autocast's "auto"), fp16 runs on CUDA only.
+SERVING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PIXELS_PER_CHUNK = 4096  # softmax rows per step: 91 classes x 4096 x 4 bytes = 1.5 MB, about one core's L2
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # 1 x 3 x h x w input -> 1 x C x h x w logits
@@ -52,7 +53,7 @@ def pick_device(prefer: str | torch.device | None = None) -> torch.device:
 
 
 def choose_precision(requested: str, device: torch.device, guard_passed: Callable[[str], bool]) -> str:
-    """"fp32", "bf16" or "fp16": what the network runs in for ``requested`` (one of PREDICTOR_PRECISIONS).
+    """"fp32", "bf16" or "fp16": what the network runs in for ``requested`` (one of SERVING_PRECISIONS).
 
     "auto" takes the reduced precision of the hardware (fp16 on CUDA, bf16 on CPUs with native
     bf16) only when ``guard_passed(that dtype)``: the checkpoint's comparison of fp32 with that
@@ -118,15 +119,12 @@ def fit_long_side(width: int, height: int, long_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def normalise(pixels: np.ndarray, mean: list[float], std: list[float], device: torch.device) -> torch.Tensor:
-    """H x W x 3 uint8 -> 1 x 3 x H x W float32 in channels_last memory, computed as
-    utils.transforms.to_tensor computes it (same float32 steps, so the same bits)."""
+def network_input(pixels: np.ndarray, mean: list[float], std: list[float], device: torch.device) -> torch.Tensor:
+    """H x W x 3 uint8 -> 1 x 3 x H x W normalised float32 in channels_last memory."""
     # An H x W x 3 array viewed as 3 x H x W *is* channels_last: no transposing copy, and the uint8
     # pixels, a quarter of the float bytes, are what crosses to the device.
-    planes = torch.from_numpy(pixels).to(device).permute(2, 0, 1)[None].float()
-    mean_planes = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std_planes = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return (planes * np.float32(1 / 255)).sub_(mean_planes).div_(std_planes)
+    planes = torch.from_numpy(pixels).to(device).permute(2, 0, 1)[None]
+    return normalise(to_unit_range(planes), mean, std)
 
 
 def rows_per_chunk(device: torch.device, rows: int) -> int:
@@ -190,8 +188,8 @@ class Predictor:
         torch.compile the network (its cost is paid here, in the warm-up).  ``backend``: "torch" or
         "onnxruntime" (CPU, fp32).
         """
-        if precision not in PREDICTOR_PRECISIONS:
-            raise ValueError(f"precision must be one of {PREDICTOR_PRECISIONS}, not {precision!r}")
+        if precision not in SERVING_PRECISIONS:
+            raise ValueError(f"precision must be one of {SERVING_PRECISIONS}, not {precision!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         if threads is not None:
@@ -233,7 +231,7 @@ class Predictor:
         padded_height, padded_width = padded_size(height, width, minimum=min_input_size(self.model))
         pixels = np.pad(pixels, ((0, padded_height - height), (0, padded_width - width), (0, 0)))
         info = PreprocessInfo(original_size=(rgb.height, rgb.width), resized_size=(height, width))
-        return normalise(pixels, self.meta["mean"], self.meta["std"], self.device), info
+        return network_input(pixels, self.meta["mean"], self.meta["std"], self.device), info
 
     @torch.inference_mode()
     def predict(self, image: Image.Image) -> Prediction:
@@ -256,44 +254,3 @@ def to_original_size(class_ids: torch.Tensor, confidence: torch.Tensor, info: Pr
     if info.resized_size != info.original_size:
         class_ids, confidence = resize_nearest(torch.stack([class_ids.float(), confidence]), *info.original_size)
     return class_ids.to(class_map_dtype(num_classes)).cpu().numpy(), confidence.cpu().numpy()
-
-
-def summarize(prediction: Prediction, class_names: list[str]) -> list[dict]:
-    """One entry per class present (id, name, area in pixels, area_ratio, mean_confidence),
-    largest area first."""
-    class_ids = prediction.class_map.ravel()
-    areas = np.bincount(class_ids, minlength=len(class_names))
-    confidence_sums = np.bincount(class_ids, weights=prediction.confidence.ravel(), minlength=len(class_names))
-    present = np.flatnonzero(areas)
-    present = present[np.argsort(-areas[present], kind="stable")]
-    return [{"id": int(class_id), "name": class_names[class_id], "area": int(areas[class_id]),
-             "area_ratio": float(areas[class_id] / class_ids.size),
-             "mean_confidence": float(confidence_sums[class_id] / areas[class_id])}
-            for class_id in present]
-
-
-def render_overlay(image: Image.Image, class_map: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """``image`` with each class's palette colour blended in at ``alpha``; background stays the photo."""
-    photo = to_rgb(image)
-    if (photo.height, photo.width) != class_map.shape:
-        raise ValueError(f"class map {class_map.shape} does not match the image {(photo.height, photo.width)}")
-    # PIL blends and composites in C, several times faster than the same arithmetic in numpy floats.
-    return Image.composite(Image.blend(photo, colour_image(class_map), alpha), photo, Image.fromarray(class_map > 0))
-
-
-def colour_image(class_map: np.ndarray) -> Image.Image:
-    """The RGB image of each pixel's palette colour."""
-    if class_map.dtype != np.uint8:
-        return Image.fromarray(palette(int(class_map.max()) + 1)[class_map])
-    # A palette image is expanded to RGB in C, about 3x faster than indexing the table in numpy.
-    return class_map_image(class_map).convert("RGB")
-
-
-def class_map_image(class_map: np.ndarray) -> Image.Image:
-    """The class ids as an image whose pixel values are the ids: a palette image carrying the
-    class colours for uint8 maps (so viewers show colours), 16-bit grayscale for wider ones."""
-    if class_map.dtype != np.uint8:
-        return Image.fromarray(class_map.astype(np.uint16))
-    indexed = Image.fromarray(class_map)
-    indexed.putpalette(palette(int(class_map.max()) + 1).tobytes())
-    return indexed

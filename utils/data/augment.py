@@ -1,6 +1,6 @@
 """Training augmentation presets (train.py --augment): what each adds after ``basic``.
 
-``basic`` is utils.transforms.TrainTransform as it always was (random scale 0.75-1.25, horizontal
+``basic`` is utils.data.transforms.TrainTransform as it always was (random scale 0.75-1.25, horizontal
 flip, crop padded with ignore).  The other presets run it first, then, on the crop:
 
 - ``photometric``: brightness/contrast, hue/saturation, JPEG compression, gaussian blur or noise;
@@ -26,7 +26,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from utils.classes import IGNORE_INDEX
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
 
 PRESETS = ("basic", "photometric", "weather", "strong")
 FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}  # what uncovered pixels become

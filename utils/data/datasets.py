@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 import config
 from utils.classes import COCO_CLASSES, IGNORE_INDEX, VOC_CLASSES
-from utils.dataset_layouts import (
+from utils.data.layouts import (
     LayoutError,
     MaskFormat,
     folder_pairs,
@@ -23,6 +23,7 @@ from utils.dataset_layouts import (
     size_mismatches,
     voc_pairs,
 )
+from utils.errors import UserError
 from utils.fileio import ImageReadError, displayed_size, load_rgb
 
 log = logging.getLogger("data")
@@ -30,7 +31,7 @@ log = logging.getLogger("data")
 Transform = Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """The data on disk is missing or inconsistent; the message names the file."""
 
 
@@ -155,7 +156,7 @@ def split_name(args, split: str) -> str:
     chosen = args.train_split if split == "train" else args.val_split
     if chosen:
         return chosen
-    suffix = "2017" if getattr(args, "dataset", "coco") == "coco" else ""
+    suffix = "2017" if args.dataset == "coco" else ""
     return ("train" if split == "train" else "val") + suffix
 
 
@@ -192,7 +193,7 @@ def without_mismatches(pairs: list[tuple[Path, Path]], policy: str) -> list[tupl
 def build_dataset(args, split: str, transform: Transform | None = None) -> PairedDataset:
     """The ``split`` ("train" or "val") of the dataset the command-line ``args`` describe."""
     name = split_name(args, split)
-    if getattr(args, "dataset", "coco") == "coco":
+    if args.dataset == "coco":
         return coco_mask_dataset(Path(args.data_dir) / name, Path(args.mask_dir) / name, transform)
     root = Path(args.data_dir)
     split_dir = Path(args.split_dir) if args.split_dir else None

@@ -1,4 +1,4 @@
-"""What test_draw.py does: prediction panels for a sample of images, and inference timing."""
+"""test_draw.py's engine: prediction panels for a sample of images, and inference timing."""
 from __future__ import annotations
 
 import argparse
@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from model.predictor import Predictor
-from utils.datasets import PairedDataset, build_dataset
+from utils.data.datasets import PairedDataset, build_dataset
+from utils.drawing import panels
 from utils.fileio import atomic_path, write_text
-from utils.visualize import panels
+from utils.inference.predictor import Predictor
 
 log = logging.getLogger("test_draw")
 

@@ -14,19 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.classes import IGNORE_INDEX, VOC_TO_COCO_NAMES
+from utils.classes import IGNORE_INDEX, teacher_groups
 
 EPSILON = 1e-6  # keeps log() finite where the student gives a whole group (almost) nothing
-
-
-def teacher_groups(teacher_classes: Sequence[str], student_classes: Sequence[str]) -> list[int]:
-    """For each student class, the index of the teacher class it belongs to (0 = the teacher's
-    background, for student classes the teacher does not know)."""
-    by_name = {VOC_TO_COCO_NAMES.get(name, name): index for index, name in enumerate(teacher_classes)}
-    groups = [by_name.get(name, 0) for name in student_classes]
-    if len(set(groups)) < 2:
-        raise ValueError("the teacher shares no class name with the student: nothing to distil")
-    return groups
 
 
 class GroupedDistillation(nn.Module):

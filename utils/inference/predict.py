@@ -1,4 +1,4 @@
-"""What predict.py does: segment an image, a folder of images, a video file or a camera, and write overlays.
+"""predict.py's engine: segment an image, a folder of images, a video file or a camera, and write overlays.
 
 Every image and frame goes through ``Predictor.predict`` and ``render_overlay``, so results match the
 web app and test_draw.py exactly.
@@ -21,8 +21,10 @@ from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from model.predictor import Predictor, render_overlay
+from utils.drawing import render_overlay
+from utils.errors import UserError
 from utils.fileio import ImageReadError, atomic_path, load_rgb
+from utils.inference.predictor import Predictor
 
 log = logging.getLogger("predict")
 
@@ -38,7 +40,7 @@ DEFAULT_CAMERA_FRAMES = 300
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
 
 
-class MediaError(ValueError):
+class MediaError(UserError):
     """The input cannot be read, or the output cannot be written."""
 
 

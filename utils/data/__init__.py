@@ -1,0 +1,1 @@
+"""Everything before the model: COCO conversion, datasets and layouts, transforms, augmentation, dataset tools."""

@@ -1,0 +1,1 @@
+"""train.py's engine: run preparation, the epoch loop, checkpoint state and resume, losses, distillation."""
