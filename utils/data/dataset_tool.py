@@ -1,7 +1,6 @@
 """tools/dataset.py's engine: split lists, a verification report, and overlays to look at."""
 from __future__ import annotations
 
-import logging
 import random
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from utils.data.transforms import TrainTransform
 from utils.drawing import truth_overlay
 from utils.fileio import atomic_path, write_text
 
-log = logging.getLogger("dataset")
 SPLIT_NAMES = ("train", "val", "test")
 
 
