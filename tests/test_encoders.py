@@ -145,7 +145,7 @@ def test_imagenet_offline_says_to_pass_a_file(hub, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(EncoderWeightsError, match="--encoder-weights FILE"):
+    with pytest.raises(EncoderWeightsError, match="offline, pass a local file of them instead"):
         load_encoder_weights(unet(), "imagenet", "mobilenet_v2")
 
 
