@@ -20,9 +20,8 @@ class Defaults:
     save_dir: str = "save"
     num_classes: int = 91
     crop_size: int = 512
-    # Optimisation
+    # Optimisation (each architecture's own arguments and their defaults: model/registry.py)
     model: str = "unet"
-    base_width: int = 64
     lr: float = 1e-4
     loss: str = "focal"
     focal_alpha: float = 0.9
@@ -37,9 +36,11 @@ class Defaults:
 DEFAULTS = Defaults()
 
 
-def _from_env(name: str, value):
+def from_env(name: str, value):
+    """``value``, or the environment's ``SEG_<NAME>`` read as the same type (str, int or float only:
+    flags and optional files are chosen on the command line)."""
     raw = os.environ.get(f"SEG_{name.upper()}")
-    if raw is None:
+    if raw is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return value
     try:
         return type(value)(raw)
@@ -49,7 +50,7 @@ def _from_env(name: str, value):
 
 def get(name: str):
     """The default for ``name``, after environment overrides."""
-    return _from_env(name, getattr(DEFAULTS, name))
+    return from_env(name, getattr(DEFAULTS, name))
 
 
 def add_arguments(parser: argparse.ArgumentParser, *names: str) -> None:

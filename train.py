@@ -12,21 +12,21 @@ import argparse
 import sys
 
 import config
-from model.smp_models import ENCODERS
-from model.unet_parts import ACTIVATIONS, PADDING_MODES
 from utils.cli import setup_logging, user_errors_exit
 from utils.data.augment import PRESETS
 from utils.data.datasets import add_dataset_arguments
 from utils.precision import AUTOCAST_PRECISIONS
 from utils.training.losses import CLASS_WEIGHT_MODES
+from utils.training.options import add_architecture_arguments, encoder_models
 from utils.training.train import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_arguments(parser)
-    config.add_arguments(parser, "save_dir", "model", "base_width", "crop_size", "lr", "loss", "focal_alpha",
-                         "focal_gamma", "epochs", "batch_size", "workers", "seed", "val_every")
+    config.add_arguments(parser, "save_dir", "crop_size", "lr", "loss", "focal_alpha", "focal_gamma", "epochs",
+                         "batch_size", "workers", "seed", "val_every")
+    add_architecture_arguments(parser)
     parser.add_argument("--augment", choices=PRESETS, default="basic",
                         help="training augmentation preset (utils/data/augment.py): basic = scale, flip, crop; "
                              "photometric adds colour, blur/noise, JPEG; weather adds fog, sun flare, rain or "
@@ -34,22 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input-size", type=int, default=None,
                         help="long side the predictor resizes images to (default: the crop size); a fully "
                              "convolutional model trained on crops of full-size images is best served near that size")
-    unet = parser.add_argument_group("classic U-Net (--model unet)")
-    unet.add_argument("--transposed", action="store_true", help="transposed convolutions, not bilinear")
-    unet.add_argument("--padding-mode", choices=PADDING_MODES, default="zeros",
-                      help="border of every 3x3 convolution: zeros, or reflect (mirrors the image)")
-    unet.add_argument("--dropout", type=float, default=0.0, help="drop probability at the bottleneck (default: 0)")
-    unet.add_argument("--activation", choices=tuple(ACTIVATIONS), default="relu",
-                      help="relu, or leaky_relu (slope 0.01)")
-    parser.add_argument("--output-stride", type=int, choices=(8, 16), default=16, help="DeepLabV3+: 8 or 16")
-    parser.add_argument("--aux-loss", action="store_true",
-                        help="torchvision DeepLabV3/FCN: add the auxiliary head (its loss counts half)")
     parser.add_argument("--weights", help="local file of pretrained weights (a full model or a backbone); "
                                           "never downloaded; without it training starts from scratch")
-    encoder = parser.add_argument_group("pretrained encoders (--model smp_unet)")
-    encoder.add_argument("--encoder", choices=ENCODERS, default="mobilenet_v2", help="the encoder network")
-    encoder.add_argument("--encoder-output-stride", type=int, choices=(16, 32), default=32,
-                         help="16: MobileNetV2's last blocks dilated, as DeepLab trained them (use with its weights)")
+    encoder = parser.add_argument_group(f"pretrained encoders (--model {', '.join(encoder_models())})")
     encoder.add_argument("--encoder-weights", metavar="FILE|imagenet",
                          help="a torchvision classifier or segmentation state dict (key rule: "
                               "model/encoder_weights.py), or 'imagenet' to download torchvision's (online only)")
@@ -60,9 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     encoder.add_argument("--train-encoder-bn", action="store_true",
                          help="update the encoder's BatchNorm statistics (default: with --encoder-weights they "
                               "stay the pretrained ones, which batches of a few crops would estimate worse)")
-    encoder.add_argument("--voc-head", metavar="FILE",
-                         help="add DeepLab's VOC head from this DeepLabV3 MobileNetV2 VOC file (needs mobilenet_v2 "
-                              "at output stride 16): its 21 class logits feed the classes of the same names")
     encoder.add_argument("--distill-from", metavar="FILE",
                          help="the DeepLabV3 MobileNetV2 VOC weights as a teacher: its 21 classes guide the "
                               "student's classes of the same names (utils/training/distillation.py)")

@@ -37,7 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from app.coco_rle import class_rles
 from app.results import ResultFiles
 from app.uploads import decode_image
-from model import MODELS, build_model, model_meta
+from model import build_model, model_meta
+from model.registry import ARCHITECTURES
 from utils.checkpoint import save_checkpoint
 from utils.classes import COCO_CLASSES
 from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -270,7 +271,7 @@ def main() -> None:
                         help="only the service path, not the comparison of execution modes (minutes less)")
     parser.add_argument("--service-precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="the service path's precision (auto: as the service decides)")
-    parser.add_argument("--architectures", nargs="+", choices=sorted(MODELS), metavar="MODEL",
+    parser.add_argument("--architectures", nargs="+", choices=sorted(ARCHITECTURES), metavar="MODEL",
                         help="only time these registry models' forward at --size (parameters too)")
     parser.add_argument("--size", type=int, default=512, help="image side with --architectures")
     args = parser.parse_args()

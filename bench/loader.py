@@ -29,15 +29,13 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 import config
-import train
 from model import build_model, main_logits
-from model.smp_models import ENCODERS
 from utils.classes import COCO_CLASSES, IGNORE_INDEX
 from utils.data.augment import PRESETS, train_transform
 from utils.data.coco_convert import convert
 from utils.data.datasets import build_dataset
 from utils.precision import AUTOCAST_PRECISIONS, autocast
-from utils.training.prepare import arch_args
+from utils.training.options import add_architecture_arguments, arch_args
 
 COCO128 = SHARED / "coco128"
 
@@ -78,17 +76,10 @@ def training_flops_per_image(model: nn.Module, crop_size: int) -> int:
     return counter.get_total_flops() // 2
 
 
-def model_arguments(args: argparse.Namespace) -> dict:
-    """What train.py would build for the same --model, --base-width and --encoder (91 classes)."""
-    training_options = train.parse_args(["--model", args.model, "--base-width", str(args.base_width),
-                                         "--encoder", args.encoder])
-    return arch_args(training_options, len(COCO_CLASSES))
-
-
 def step_seconds(args: argparse.Namespace) -> tuple[float, int]:
     """Median seconds of one training step at the loader's batch shape, and FLOPs per image."""
     torch.manual_seed(0)
-    model = build_model(args.model, **model_arguments(args))
+    model = build_model(args.model, **arch_args(args, len(COCO_CLASSES)))
     model = model.to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     images = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size).contiguous(
@@ -102,8 +93,8 @@ def step_seconds(args: argparse.Namespace) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(parser, "batch_size", "crop_size", "workers", "model", "base_width")
-    parser.add_argument("--encoder", choices=ENCODERS, default="mobilenet_v2", help="with --model smp_*")
+    config.add_arguments(parser, "batch_size", "crop_size", "workers")
+    add_architecture_arguments(parser)
     parser.add_argument("--batches", type=int, default=48, help="batches timed from the loader")
     parser.add_argument("--steps", type=int, default=3, help="training steps timed (median)")
     parser.add_argument("--precision", choices=AUTOCAST_PRECISIONS, default="auto", help="as train.py --precision")
@@ -121,7 +112,7 @@ def main() -> None:
                  for preset in args.augment}
     step, flops = step_seconds(args)
     step_rate = args.batch_size / step
-    shown = ", ".join(f"{k}={v}" for k, v in model_arguments(args).items() if k != "num_classes")
+    shown = ", ".join(f"{k}={v}" for k, v in arch_args(args, len(COCO_CLASSES)).items() if k != "num_classes")
     print(f"batch {args.batch_size} x {args.crop_size}x{args.crop_size}, {args.model} ({shown}), "
           f"precision {args.precision}, {torch.get_num_threads()} torch threads")
     for preset, rate in rates.items():

@@ -1,42 +1,21 @@
-"""The model registry: every architecture by name, and the checkpoint ``meta`` that rebuilds one.
+"""Models from checkpoints: the checkpoint ``meta`` that rebuilds a registered architecture
+(model/registry.py), loading weights into it, and what every model's output holds.
 
 Models return logits (N x C x H x W), or a torchvision-style dict whose ``"out"`` holds them.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from model.deeplabv3plus import DeepLabV3Plus
-from model.segnet import SegNet
-from model.smp_models import deeplabv3plus_xception, smp_fpn, smp_pspnet, smp_unet
-from model.torchvision_models import TORCHVISION_MODELS
-from model.unet import UNet
+from model.registry import build_model
 from utils.checkpoint import CheckpointError, load_checkpoint, load_state_dict_file
 from utils.classes import IGNORE_INDEX, never_labelled_ids
 
 NEVER_LOGIT = -1e4  # exp(-1e4 - anything real) is 0, and fp16 still holds it
-
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "unet": UNet,
-    "deeplabv3plus_mobilenetv2": DeepLabV3Plus,
-    "deeplabv3plus_xception": deeplabv3plus_xception,
-    "smp_unet": smp_unet,
-    "smp_fpn": smp_fpn,
-    "smp_pspnet": smp_pspnet,
-    "segnet": SegNet,
-    **TORCHVISION_MODELS,
-}
-
-
-def build_model(arch: str, **arch_args) -> nn.Module:
-    """A freshly initialised ``arch`` built with ``arch_args`` (which include ``num_classes``)."""
-    if arch not in MODELS:
-        raise ValueError(f"unknown model {arch!r}; known models: {', '.join(sorted(MODELS))}")
-    return MODELS[arch](**arch_args)
 
 
 def load_pretrained(model: nn.Module, path: str) -> str:

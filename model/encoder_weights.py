@@ -110,7 +110,7 @@ def imagenet_state(encoder_name: str) -> dict[str, torch.Tensor]:
         path = published_file(url)
     except OSError as error:  # URLError and socket errors are OSErrors
         raise EncoderWeightsError(f"cannot download the ImageNet weights of {encoder_name} ({error}); offline, "
-                                  "pass a local file: --encoder-weights FILE") from error
+                                  "pass a local file of them instead") from error
     except RuntimeError as error:  # torch.hub's word for a download whose hash is wrong
         raise EncoderWeightsError(f"the ImageNet weights of {encoder_name} from {url}: {error}") from error
     return load_state_dict_file(path)
@@ -120,8 +120,7 @@ def load_encoder_weights(model: nn.Module, source: str, encoder_name: str) -> En
     """Load ``source`` (a file path, or ``imagenet``) into ``model.encoder``; see the key rule above."""
     encoder = getattr(model, "encoder", None)
     if encoder is None:
-        raise EncoderWeightsError(f"{type(model).__name__} has no pretrained-capable encoder: "
-                                  "--encoder-weights needs a model with --encoder")
+        raise EncoderWeightsError(f"{type(model).__name__} has no encoder that pretrained weights fill")
     if source == IMAGENET:
         state, name, digest = imagenet_state(encoder_name), f"{IMAGENET} (torchvision)", None
     else:

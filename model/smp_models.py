@@ -159,12 +159,12 @@ def load_voc_head(model: UNetWithVOCHead, path: str | os.PathLike, class_names: 
     try:
         model.voc_head.load_state_dict(head_state(load_state_dict_file(path)))
     except RuntimeError as error:
-        raise CheckpointError(f"--voc-head {path} is not the DeepLabV3 MobileNetV2 VOC model: "
+        raise CheckpointError(f"{path} is not the DeepLabV3 MobileNetV2 VOC model: "
                               f"{str(error).splitlines()[0]}") from error
     try:
         groups = teacher_groups(VOC_CLASSES, class_names)
     except ValueError as error:
-        raise ValueError("--voc-head: none of the dataset's classes is a VOC class, so the VOC head "
+        raise ValueError("none of the dataset's classes is a VOC class, so the VOC head "
                          "would add nothing") from error
     with torch.no_grad():
         model.voc_to_classes.weight.zero_()
@@ -201,8 +201,8 @@ def smp_unet(num_classes: int, encoder: str = "mobilenet_v2", encoder_output_str
     1/16 of the input, dilated, as the DeepLab weights expect (the decoder then skips one upsampling);
     ``voc_head`` adds DeepLab's VOC head (UNetWithVOCHead), for MobileNetV2 at stride 16 only."""
     if voc_head and (encoder, encoder_output_stride) != ("mobilenet_v2", 16):
-        raise ValueError("the VOC head reads MobileNetV2 at output stride 16: use --encoder mobilenet_v2 "
-                         "--encoder-output-stride 16")
+        raise ValueError(f"the VOC head reads MobileNetV2 at output stride 16, not {encoder} at "
+                         f"{encoder_output_stride}")
     model = over_encoder(smp.Unet, num_classes, encoder, encoder_output_stride)
     return UNetWithVOCHead(model.net, num_classes) if voc_head else model
 

@@ -14,8 +14,9 @@ from torchvision.models import mobilenet_v2, resnet18
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
 import train
-from model import MODELS, build_model, load_pretrained, main_logits, model_meta
+from model import build_model, load_pretrained, main_logits, model_meta
 from model.deeplabv3plus import DeepLabV3Plus
+from model.registry import ARCHITECTURES
 from utils.checkpoint import save_checkpoint
 from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from utils.inference.predictor import Predictor
@@ -32,7 +33,7 @@ QUICK_TO_TRAIN = ["unet", "deeplabv3plus_mobilenetv2", "deeplabv3_mobilenet_v3_l
 
 
 def takes_aux_loss(arch: str) -> bool:
-    return "aux_loss" in inspect.signature(MODELS[arch]).parameters
+    return "aux_loss" in inspect.signature(ARCHITECTURES[arch].build).parameters
 
 
 def arch_args(arch: str, **overrides) -> dict:
@@ -48,7 +49,7 @@ def outputs_as_dict(outputs: torch.Tensor | dict[str, torch.Tensor]) -> dict[str
     return outputs if isinstance(outputs, dict) else {"out": outputs}
 
 
-@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_every_architecture_predicts_at_the_input_size(arch):
     # The auxiliary head, where there is one, is built too so that its output is checked as well.
     model = seeded_model(arch, **({"aux_loss": True} if takes_aux_loss(arch) else {})).eval()
@@ -103,7 +104,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(arch):
     assert losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("arch", sorted(set(MODELS) - HEAVY))
+@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - HEAVY))
 def test_a_saved_checkpoint_serves_through_the_predictor(tmp_path, arch):
     model = seeded_model(arch).eval()
     meta = model_meta(arch, arch_args(arch), CLASS_NAMES, [64, 64], IMAGENET_MEAN, IMAGENET_STD)

@@ -49,9 +49,12 @@ def coco_root(tmp_path_factory) -> Path:
     return make_training_root(tmp_path_factory.mktemp("safety"), num_images=4, size=(40, 48), seed=5, max_objects=2)
 
 
-def train_args(root: Path, save: Path) -> list[str]:
+TINY_UNET = ("--model", "unet", "--base-width", "4")
+
+
+def train_args(root: Path, save: Path, model: tuple[str, ...] = TINY_UNET) -> list[str]:
     return ["--data-dir", str(root), "--mask-dir", str(root / "masks"), "--save-dir", str(save),
-            "--train-split", "train2017", "--val-split", "train2017", "--model", "unet", "--base-width", "4",
+            "--train-split", "train2017", "--val-split", "train2017", *model,
             "--crop-size", "32", "--batch-size", "2", "--workers", "0", "--epochs", "1"]
 
 
@@ -112,14 +115,15 @@ def test_pretrained_weights_refuse_it(hostile, coco_root, tmp_path, capsys):
 @pytest.mark.parametrize("option", ["--encoder-weights", "--voc-head", "--distill-from"])
 def test_encoder_head_and_teacher_weights_refuse_it(hostile, coco_root, tmp_path, capsys, option):
     path, marker = hostile
-    encoder_model = ["--model", "smp_unet", "--encoder", "mobilenet_v2", "--encoder-output-stride", "16"]
+    encoder_model = ("--model", "smp_unet", "--encoder", "mobilenet_v2", "--encoder-output-stride", "16")
     if option != "--encoder-weights":  # the VOC head needs its encoder: a harmless one, so the hostile file is reached
         harmless = tmp_path / "mobilenet_v2.pth"
         torch.save(torchvision_mobilenet_v2().state_dict(), harmless)
-        encoder_model += ["--encoder-weights", str(harmless)]
-    assert train.main(train_args(coco_root, tmp_path / "save") + encoder_model + [option, str(path)]) == 2
+        encoder_model += ("--encoder-weights", str(harmless))
+    assert train.main(train_args(coco_root, tmp_path / "save", encoder_model) + [option, str(path)]) == 2
     err = capsys.readouterr().err
     assert "cannot load weights" in err and "Traceback" not in err
+    assert f"{option}: " in err  # the message names the option that brought the file in
     assert not marker.exists()
 
 

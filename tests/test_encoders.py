@@ -145,7 +145,7 @@ def test_imagenet_offline_says_to_pass_a_file(hub, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(EncoderWeightsError, match="--encoder-weights FILE"):
+    with pytest.raises(EncoderWeightsError, match="offline, pass a local file of them instead"):
         load_encoder_weights(unet(), "imagenet", "mobilenet_v2")
 
 
@@ -254,10 +254,11 @@ def test_deeplab_file_loads_into_the_dilated_encoder_and_the_teacher():
 
 
 def test_compiled_predictor_of_an_encoder_model_matches_eager(tmp_path):
-    """torch.compile (SEG_COMPILE=1) lowers the padding to the encoder's stride at any size."""
-    arch_args = {"num_classes": 3, "encoder": "mobilenet_v2"}
+    """torch.compile (SEG_COMPILE=1) lowers the padding to the encoder's stride at any size.  On
+    ResNet-18, which compiles in 60 % of MobileNetV2's time; both pad to a multiple of 32."""
+    arch_args = {"num_classes": 3, "encoder": "resnet18"}
     meta = model_meta("smp_unet", arch_args, ["a", "b", "c"], [64, 64], IMAGENET_MEAN, IMAGENET_STD)
-    save_checkpoint(tmp_path / "smp.pth", {"model": unet().state_dict(), "meta": meta})
+    save_checkpoint(tmp_path / "smp.pth", {"model": unet("resnet18").state_dict(), "meta": meta})
     eager = Predictor.from_checkpoint(tmp_path / "smp.pth", device="cpu", precision="fp32")
     compiled = Predictor.from_checkpoint(tmp_path / "smp.pth", device="cpu", precision="fp32", compiled=True)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8))

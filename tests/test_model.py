@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import MODELS, build_from_meta, build_model, model_meta
+from model import build_from_meta, build_model, model_meta
+from model.registry import ARCHITECTURES
 from model.unet import UNet
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
@@ -49,7 +50,7 @@ def test_registry_builds_unet_with_its_arguments():
     model = build_model("unet", num_classes=7, base_width=BASE_WIDTH, bilinear=False)
     assert isinstance(model, UNet)
     assert model.outc.out_channels == 7
-    assert "unet" in MODELS
+    assert "unet" in ARCHITECTURES
 
 
 def test_registry_rejects_unknown_names_listing_the_known_ones():

@@ -8,7 +8,8 @@ import torch
 import train
 from model import build_model
 from model.unet_parts import ConvStyle, DoubleConv
-from utils.training.prepare import TrainingError, arch_args, check_options
+from utils.training.options import TrainingError, arch_args
+from utils.training.prepare import check_options
 
 VARIANTS = [{"padding_mode": "reflect"}, {"dropout": 0.5}, {"activation": "leaky_relu"}]
 

@@ -3,10 +3,11 @@ parts, loss, optimiser and schedule."""
 from __future__ import annotations
 
 import argparse
-import inspect
+import contextlib
 import json
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from model import build_model, load_pretrained, min_input_size, model_meta, neve
 from model.deeplab_voc import load_voc_teacher
 from model.encoder_weights import load_encoder_weights
 from model.smp_models import load_voc_head
-from model.unet import UNet
 from utils import distributed
 from utils.classes import VOC_CLASSES, never_labelled_ids
 from utils.data.augment import train_transform
@@ -28,12 +28,9 @@ from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from utils.errors import UserError
 from utils.training.distillation import GroupedDistillation
 from utils.training.losses import build_loss, class_weights_from_counts
+from utils.training.options import TrainingError, arch_args, check_architecture_options
 
 log = logging.getLogger("train")
-
-
-class TrainingError(UserError):
-    """The run cannot start as configured; the message says what to change."""
 
 
 def seed_everything(seed: int) -> None:
@@ -60,36 +57,6 @@ class Run:
     start_epoch: int = 1
     best_metric: float | None = None
     last_metrics: dict | None = None
-
-
-def arch_args(args: argparse.Namespace, num_classes: int) -> dict:
-    """The constructor arguments of ``args.model`` (what the checkpoint records to rebuild it)."""
-    arguments = {"num_classes": num_classes}
-    if args.model == "unet":
-        arguments.update(base_width=args.base_width, bilinear=not args.transposed)
-        # Variants are recorded only when chosen, so runs and checkpoints from before they existed
-        # (the defaults) still match on --resume.
-        arguments.update(chosen_unet_variants(args))
-    elif args.model == "segnet":
-        arguments.update(base_width=args.base_width)
-    elif args.model == "smp_unet":
-        arguments.update(encoder=args.encoder, encoder_output_stride=args.encoder_output_stride)
-        if args.voc_head:
-            arguments.update(voc_head=True)
-    elif args.model.startswith("smp_"):
-        arguments.update(encoder=args.encoder)
-    elif args.model.startswith("deeplabv3plus"):
-        arguments.update(output_stride=args.output_stride)
-    elif args.model.startswith(("deeplabv3_", "fcn_")):
-        arguments.update(aux_loss=args.aux_loss)
-    return arguments
-
-
-def chosen_unet_variants(args: argparse.Namespace) -> dict:
-    """The classic U-Net's variant options that differ from its defaults."""
-    variants = {"padding_mode": args.padding_mode, "dropout": args.dropout, "activation": args.activation}
-    defaults = inspect.signature(UNet).parameters
-    return {k: v for k, v in variants.items() if v != defaults[k].default}
 
 
 def make_train_loader(args: argparse.Namespace, context: distributed.Context) -> tuple[DataLoader, PairedDataset]:
@@ -134,32 +101,34 @@ def read_class_counts(path: str, num_classes: int) -> list[int]:
     return counts
 
 
-def check_batch_size(args: argparse.Namespace) -> None:
-    if args.model.startswith("deeplabv3_") or args.model == "deeplabv3plus_xception":
-        if args.batch_size < 2:
-            raise TrainingError(f"{args.model} has BatchNorm after global pooling, which cannot train on "
-                                "one image per batch: use --batch-size 2 or more")
-
-
 def build_pretrained_model(args: argparse.Namespace, arguments: dict,
                            class_names: list[str]) -> tuple[nn.Module, dict | None]:
     """The model with any pretrained weights asked for; and where its encoder's weights came from."""
-    encoder_source = None
-    try:
+    with errors_named("--model"):  # the networks' checks of their arguments, which come from the options
         model = build_model(args.model, **arguments)
-        if args.weights:
+    encoder_source = None
+    if args.weights:
+        with errors_named("--weights"):
             log.info("pretrained weights: %s", load_pretrained(model, args.weights))
-        if args.encoder_weights:
+    if args.encoder_weights:
+        with errors_named("--encoder-weights"):
             encoder_source = load_encoder_weights(model, args.encoder_weights, arguments.get("encoder", "")).as_meta()
-            if not args.train_encoder_bn:
-                model.freeze_encoder_batchnorm()
-        if args.voc_head:
+        if not args.train_encoder_bn:
+            model.freeze_encoder_batchnorm()
+    if args.voc_head:
+        with errors_named("--voc-head"):
             log.info("%s", load_voc_head(model, args.voc_head, class_names))
-    except UserError:
-        raise
-    except ValueError as error:  # the networks' checks of their arguments, which come from the options
-        raise TrainingError(str(error)) from error
     return model, encoder_source
+
+
+@contextlib.contextmanager
+def errors_named(option: str) -> Iterator[None]:
+    """A user's mistake or a network's refusal while ``option`` is applied, as a TrainingError that
+    names the option."""
+    try:
+        yield
+    except (UserError, ValueError) as error:
+        raise TrainingError(f"{option}: {error}") from error
 
 
 def parameter_groups(model: nn.Module, lr: float, encoder_lr_factor: float) -> list[dict]:
@@ -178,26 +147,17 @@ def make_distillation(args: argparse.Namespace, class_names: list[str],
                       device: torch.device) -> GroupedDistillation | None:
     if not args.distill_from:
         return None
-    try:
+    with errors_named("--distill-from"):
         return GroupedDistillation(load_voc_teacher(args.distill_from), VOC_CLASSES, class_names,
                                    args.distill_weight).to(device, memory_format=torch.channels_last)
-    except ValueError as error:
-        raise TrainingError(str(error)) from error
 
 
 def check_options(args: argparse.Namespace) -> None:
-    check_batch_size(args)
-    if (args.encoder_weights or args.freeze_encoder_epochs) and not args.model.startswith("smp_"):
-        raise TrainingError("--encoder-weights and --freeze-encoder-epochs need an encoder model (--model smp_...)")
-    if (args.encoder_output_stride != 32 or args.voc_head) and args.model != "smp_unet":
-        raise TrainingError("--encoder-output-stride 16 and --voc-head are offered for --model smp_unet only")
+    check_architecture_options(args)
     if args.voc_head and not args.encoder_weights:
         # The VOC head reads the encoder's block-17 features: behind a random encoder it reads noise.
         raise TrainingError("--voc-head needs the encoder it was trained on: add --encoder-weights "
                             "with the same DeepLab file")
-    if (chosen_unet_variants(args) or args.transposed) and args.model != "unet":
-        raise TrainingError("--padding-mode, --dropout, --activation and --transposed are options of "
-                            "--model unet only")
 
 
 def set_encoder_trainable(model: nn.Module, trainable: bool) -> bool:

@@ -1,0 +1,107 @@
+"""Every architecture by name: how to build it, the arguments a user may choose, and the facts that
+training must respect.  Adding an architecture is one entry in ARCHITECTURES; the training options
+(utils/training/options.py) are made from these entries.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from model.deeplabv3plus import DeepLabV3Plus
+from model.segnet import SegNet
+from model.smp_models import ENCODERS, deeplabv3plus_xception, smp_fpn, smp_pspnet, smp_unet
+from model.torchvision_models import with_aux_option, without_aux_option
+from model.unet import UNet
+from model.unet_parts import ACTIVATIONS, PADDING_MODES
+
+
+@dataclass(frozen=True)
+class Argument:
+    """A constructor argument users choose.  Users choose it by ``name``; the constructor receives
+    ``convert(value)`` as ``keyword`` (by default the value itself, as ``name``)."""
+    name: str
+    default: Any
+    help: str
+    choices: tuple | None = None
+    metavar: str | None = None
+    keyword: str | None = None
+    convert: Callable[[Any], Any] | None = None
+    # False for arguments added after checkpoints were written: at their default they stay out of
+    # the recorded arguments, so those runs still resume with the same ones.
+    recorded_at_default: bool = True
+
+    def constructor_arguments(self, value: Any) -> dict:
+        """What the constructor receives (and the checkpoint records) for the chosen ``value``."""
+        if value == self.default and not self.recorded_at_default:
+            return {}
+        return {self.keyword or self.name: self.convert(value) if self.convert else value}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    build: Callable[..., nn.Module]
+    arguments: tuple[Argument, ...] = ()
+    # An encoder that pretrained classifier weights fill (model/encoder_weights.py), and that
+    # can be frozen while the decoder learns.
+    pretrained_encoder: bool = False
+    # BatchNorm after a global pooling sees one value per image: a batch of one cannot train it.
+    batchnorm_after_pooling: bool = False
+
+
+BASE_WIDTH = Argument("base_width", 64, "channels of the first level, doubled at each level down (64 = VGG16)")
+ENCODER = Argument("encoder", "mobilenet_v2", "the encoder network", choices=ENCODERS)
+OUTPUT_STRIDE = Argument("output_stride", 16, "DeepLabV3+: 8 or 16", choices=(8, 16))
+AUX_LOSS = Argument("aux_loss", False, "add torchvision's auxiliary head (its loss counts half)")
+
+UNET_ARGUMENTS = (
+    BASE_WIDTH,
+    Argument("transposed", False, "transposed convolutions, not bilinear", keyword="bilinear",
+             convert=operator.not_),
+    Argument("padding_mode", "zeros", "border of every 3x3 convolution: zeros, or reflect (mirrors the image)",
+             choices=PADDING_MODES, recorded_at_default=False),
+    Argument("dropout", 0.0, "drop probability at the bottleneck", recorded_at_default=False),
+    Argument("activation", "relu", "relu, or leaky_relu (slope 0.01)", choices=tuple(ACTIVATIONS),
+             recorded_at_default=False),
+)
+SMP_UNET_ARGUMENTS = (
+    ENCODER,
+    Argument("encoder_output_stride", 32, "16: MobileNetV2's last blocks dilated, as DeepLab trained them "
+                                          "(use with its weights)", choices=(16, 32)),
+    Argument("voc_head", None, "add DeepLab's VOC head from this DeepLabV3 MobileNetV2 VOC file (needs "
+                               "mobilenet_v2 at output stride 16): its 21 class logits feed the classes of "
+                               "the same names", metavar="FILE", convert=bool, recorded_at_default=False),
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "unet": Architecture(UNet, UNET_ARGUMENTS),
+    "segnet": Architecture(SegNet, (BASE_WIDTH,)),
+    "smp_unet": Architecture(smp_unet, SMP_UNET_ARGUMENTS, pretrained_encoder=True),
+    "smp_fpn": Architecture(smp_fpn, (ENCODER,), pretrained_encoder=True),
+    "smp_pspnet": Architecture(smp_pspnet, (ENCODER,), pretrained_encoder=True),
+    "deeplabv3plus_mobilenetv2": Architecture(DeepLabV3Plus, (OUTPUT_STRIDE,)),
+    "deeplabv3plus_xception": Architecture(deeplabv3plus_xception, (OUTPUT_STRIDE,), batchnorm_after_pooling=True),
+    "deeplabv3_resnet50": Architecture(with_aux_option("deeplabv3_resnet50"), (AUX_LOSS,),
+                                       batchnorm_after_pooling=True),
+    "deeplabv3_resnet101": Architecture(with_aux_option("deeplabv3_resnet101"), (AUX_LOSS,),
+                                        batchnorm_after_pooling=True),
+    "deeplabv3_mobilenet_v3_large": Architecture(with_aux_option("deeplabv3_mobilenet_v3_large"), (AUX_LOSS,),
+                                                 batchnorm_after_pooling=True),
+    "fcn_resnet50": Architecture(with_aux_option("fcn_resnet50"), (AUX_LOSS,)),
+    "fcn_resnet101": Architecture(with_aux_option("fcn_resnet101"), (AUX_LOSS,)),
+    "lraspp_mobilenet_v3_large": Architecture(without_aux_option("lraspp_mobilenet_v3_large")),
+}
+
+
+def architecture(arch: str) -> Architecture:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model {arch!r}; known models: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[arch]
+
+
+def build_model(arch: str, **arch_args) -> nn.Module:
+    """A freshly initialised ``arch`` built with ``arch_args`` (which include ``num_classes``)."""
+    return architecture(arch).build(**arch_args)
