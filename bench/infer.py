@@ -105,6 +105,10 @@ def load_modes(checkpoint: Path, photo: Image.Image) -> list[Mode]:
         options.append(("onnxruntime fp32", {"backend": "onnxruntime"}))
     else:
         print("onnxruntime fp32: skipped (pip install -r requirements-dev.txt)")
+    if importlib.util.find_spec("openvino"):
+        options.append(("openvino fp32", {"backend": "openvino"}))
+    else:
+        print("openvino fp32: skipped (pip install -r requirements.txt)")
     modes = []
     for name, keywords in options:
         started = time.perf_counter()

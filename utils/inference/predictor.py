@@ -9,7 +9,8 @@ in fp32, or under bf16 autocast (CPUs with native bf16) / fp16 autocast (CUDA) w
 (``<checkpoint>.guard.json``, written by tools/guard_precision.py), or when ``precision="bf16"``
 or ``"fp16"`` (CUDA) asks for it.  ``compiled=True``
 adds torch.compile, compiled during loading; ``backend="onnxruntime"`` runs the exported ONNX
-graph instead (CPU, fp32).  bench/infer.py times each of these.
+graph instead (CPU, fp32), ``backend="openvino"`` the checkpoint's cached OpenVINO IR (CPU, fp32;
+utils/inference/openvino_runtime.py).  bench/infer.py times each of these.
 """
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ from model.export_onnx import export_onnx, onnxruntime_session, run_session
 from utils.checkpoint import load_checkpoint
 from utils.data.transforms import SIZE_MULTIPLE, normalise, padded_size, to_unit_range
 from utils.fileio import to_rgb
+from utils.inference.openvino_runtime import openvino_forward
 from utils.inference.precision_guard import precision_allowed
 from utils.precision import cpu_supports_bf16
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # What the Predictor and the service run in; "auto" is the guarded choice of choose_precision (not
 # training autocast's "auto"), fp16 runs on CUDA only.
@@ -185,8 +187,8 @@ class Predictor:
 
         ``precision``: "auto" (bf16/fp16 where the hardware has it and the checkpoint's precision
         guard passed for it, else fp32), "fp32", "bf16" or "fp16" (CUDA only).  ``compiled``:
-        torch.compile the network (its cost is paid here, in the warm-up).  ``backend``: "torch" or
-        "onnxruntime" (CPU, fp32).
+        torch.compile the network (its cost is paid here, in the warm-up).  ``backend``: "torch",
+        "onnxruntime" or "openvino" (CPU, fp32).
         """
         if precision not in SERVING_PRECISIONS:
             raise ValueError(f"precision must be one of {SERVING_PRECISIONS}, not {precision!r}")
@@ -199,6 +201,8 @@ class Predictor:
         model = model_from_checkpoint(checkpoint)
         if backend == "onnxruntime":
             predictor = cls.on_onnxruntime(model, checkpoint["meta"], device, precision)
+        elif backend == "openvino":
+            predictor = cls.on_openvino(path, model, checkpoint["meta"], device, precision, threads)
         else:
             chosen = choose_precision(precision, device, guard_of(path, device))
             predictor = cls(model, checkpoint["meta"], device, chosen)
@@ -213,6 +217,14 @@ class Predictor:
             raise ValueError("the onnxruntime backend runs on the CPU in fp32 only")
         session = onnxruntime_session(export_onnx(model))
         return cls(model, meta, device, "fp32", lambda batch: run_session(session, batch))
+
+    @classmethod
+    def on_openvino(cls, path: str | os.PathLike, model: nn.Module, meta: dict, device: torch.device,
+                    precision: str, threads: int | None) -> Predictor:
+        # Reduced precisions on OpenVINO wait for an accuracy guard of their own: f32 until then.
+        if device.type != "cpu" or precision not in ("auto", "fp32"):
+            raise ValueError("the openvino backend runs on the CPU in fp32 only")
+        return cls(model, meta, device, "fp32", openvino_forward(path, model, threads))
 
     def warm_up(self) -> None:
         """One prediction on a blank landscape photo of the network's size (compiles, if compiled)."""
