@@ -54,7 +54,8 @@ def test_openvino_answers_as_torch_fp32_at_any_size(checkpoint, torch_fp32, widt
 
 def test_the_ir_is_named_by_the_checkpoint_and_reused(checkpoint, monkeypatch):
     Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino")
-    stem = f"{file_sha256(checkpoint)}-{openvino_runtime.openvino().get_version().split('-')[0]}"
+    stem = (f"{file_sha256(checkpoint)}-{openvino_runtime.openvino().get_version().split('-')[0]}"
+            f"-{openvino_runtime.OUTPUT_LAYOUT}")
     assert ir_files(checkpoint) == [f"{stem}.bin", f"{stem}.json", f"{stem}.xml"]
 
     def never(model):

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 # The sample the converter traces with: odd at every pooling level, height and width apart, as
 # for the ONNX export (model/export_onnx.py); the IR's height and width stay free.
 TRACE_SIZE = (63, 95)
+# What our converted graph returns: logits pixel-major (N x H x W x C), the layout whose per-pixel
+# softmax and max read memory in order.  Part of the cache name: an IR of another layout is not ours.
+OUTPUT_LAYOUT = "nhwc"
 
 
 class OpenVINOMissing(UserError, ImportError):
@@ -46,18 +49,26 @@ def openvino():
 
 def cache_paths(checkpoint: Path, sha256: str, version: str) -> dict[str, Path]:
     folder = checkpoint.with_name(checkpoint.name + ".openvino")
-    stem = f"{sha256}-{version.split('-')[0]}"
+    stem = f"{sha256}-{version.split('-')[0]}-{OUTPUT_LAYOUT}"
     return {suffix: folder / f"{stem}.{suffix}" for suffix in ("xml", "bin", "json")}
 
 
+class PixelMajorLogits(LogitsOnly):
+    """The main logits as N x H x W x C: the transposition happens inside the runtime's graph."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return super().forward(images).permute(0, 2, 3, 1)
+
+
 def convert(model: nn.Module):
-    """The ov.Model of ``model``'s main logits for 1 x 3 x H x W float32 input, H and W free."""
+    """The ov.Model of ``model``'s main logits, N x H x W x C, for 1 x 3 x H x W float32 input, H and W free."""
     ov = openvino()
-    wrapped = LogitsOnly(model).cpu().float().eval()
+    wrapped = PixelMajorLogits(model).cpu().float().eval()
     # The tracer warns at each Python branch on a shape; TRACE_SIZE takes the branches that are
     # right at every size (the U-Net's pads, computed from the shape, are 0 where none is needed).
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # OpenVINO's converter traces with torch.jit.trace
         return ov.convert_model(wrapped, example_input=torch.zeros(1, 3, *TRACE_SIZE),
                                 input=[ov.PartialShape([1, 3, -1, -1])])
 
@@ -127,5 +138,7 @@ def openvino_forward(checkpoint: str | os.PathLike, model: nn.Module,
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         request.infer([batch.float().contiguous().cpu().numpy()])
-        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+        # A copy: the request reuses its output buffer.  Viewed as N x C x H x W in channels_last
+        # memory, as the torch path's logits are.
+        return torch.from_numpy(request.get_output_tensor(0).data.copy()).permute(0, 3, 1, 2)
     return forward
