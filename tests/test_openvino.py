@@ -3,13 +3,20 @@ checkpoint's own."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 
+from tests.conftest import ROOT
 from tests.test_app import encoded, photo, post_file
 from tests.test_predictor import noise_image
+from tests.test_serving import free_port, jpeg, wait_until_ready
 from tests.tiny_checkpoint import make_checkpoint
 from utils.fileio import file_sha256
 from utils.inference import openvino_runtime
@@ -111,3 +118,36 @@ def test_the_service_runs_on_openvino_and_says_so(make_client):
     assert (described["backend"], described["precision"]) == ("openvino", "fp32")
     answer = post_file(client, encoded(photo()))
     assert answer.status_code == 200 and answer.get_json()["classes"]
+
+
+def test_sizes_beyond_the_kept_graphs_are_compiled_again_and_still_right(checkpoint, torch_fp32, monkeypatch):
+    monkeypatch.setattr(openvino_runtime, "STATIC_SIZES_KEPT", 1)
+    openvino = Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino")
+    for width, height in ((97, 131), (131, 97), (97, 131)):
+        assert_same_answers(torch_fp32, openvino, width, height)
+
+
+def test_gunicorn_workers_serve_on_openvino(tmp_path):
+    """Two workers, each compiling its own graphs after the fork."""
+    port = free_port()
+    environment = dict(os.environ, SEG_CHECKPOINT=str(make_checkpoint(tmp_path / "tiny.pth", varied=True)),
+                       SEG_RESULTS_DIR=str(tmp_path / "results"), SEG_BIND=f"127.0.0.1:{port}",
+                       SEG_WORKERS="2", SEG_THREADS="1", SEG_BACKEND="openvino")
+    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "app:create_app()"],
+                               cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, process)
+
+        def one(n: int) -> tuple[int, int]:
+            width, height = 60 + n, 40 + 2 * n
+            response = requests.post(url + "/json", files={"file": ("p.jpg", jpeg(width, height, n))}, timeout=60)
+            return response.status_code, sum(c["area"] for c in response.json()["classes"]) - width * height
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            assert list(pool.map(one, range(8))) == [(200, 0)] * 8
+        described = requests.get(url + "/api/model", timeout=30).json()
+        assert (described["backend"], described["precision"]) == ("openvino", "fp32")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,8 @@ TRACE_SIZE = (63, 95)
 # What our converted graph returns: logits pixel-major (N x H x W x C), the layout whose per-pixel
 # softmax and max read memory in order.  Part of the cache name: an IR of another layout is not ours.
 OUTPUT_LAYOUT = "nhwc"
+# A photo service sees few network sizes: the checkpoint fixes the long side, the aspect ratio the other.
+STATIC_SIZES_KEPT = 8
 
 
 class OpenVINOMissing(UserError, ImportError):
@@ -129,14 +132,31 @@ def openvino_forward(checkpoint: str | os.PathLike, model: nn.Module,
                      threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """1 x 3 x h x w input -> 1 x C x h x w logits through OpenVINO on the CPU, in f32 (said
     explicitly: on CPUs with AMX, OpenVINO would otherwise choose bf16), on ``threads`` threads
-    (default: torch's count in this process, set after gunicorn's fork)."""
+    (default: torch's count in this process, set after gunicorn's fork).
+
+    Each input size runs a graph compiled for exactly that size: on the default model at 640x480
+    it is 1.3x faster than the dynamic-shape graph, at the same class maps (no padding to a
+    bucket), and compiles in 0.2 s.  The STATIC_SIZES_KEPT most recent sizes stay compiled.
+    """
     ov = openvino()
     config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
-    compiled = ov.Core().compile_model(ir_for(checkpoint, model), "CPU", config)
-    request = compiled.create_infer_request()
+    core, ir = ov.Core(), ir_for(checkpoint, model)
+    requests: OrderedDict[tuple[int, int], object] = OrderedDict()
+
+    def request_for(height: int, width: int):
+        if (height, width) in requests:
+            requests.move_to_end((height, width))
+            return requests[(height, width)]
+        static = ir.clone()
+        static.reshape([1, 3, height, width])
+        requests[(height, width)] = core.compile_model(static, "CPU", config).create_infer_request()
+        if len(requests) > STATIC_SIZES_KEPT:
+            requests.popitem(last=False)
+        return requests[(height, width)]
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
+        request = request_for(*batch.shape[-2:])
         request.infer([batch.float().contiguous().cpu().numpy()])
         # A copy: the request reuses its output buffer.  Viewed as N x C x H x W in channels_last
         # memory, as the torch path's logits are.
