@@ -29,7 +29,7 @@ class Segmenter:
     so gunicorn's parent never touches torch/CUDA before forking."""
 
     def __init__(self, checkpoint: str, threads: int | None = None, precision: str = "auto",
-                 compiled: bool = False, device: str | None = None, backend: str = "torch") -> None:
+                 compiled: bool = False, device: str | None = None, backend: str = "auto") -> None:
         self.checkpoint = checkpoint
         self.backend = backend
         self.device = device
@@ -68,6 +68,6 @@ class Segmenter:
         meta = predictor.meta
         return {"architecture": meta["arch"], "arch_args": meta["arch_args"], "checkpoint": Path(self.checkpoint).name,
                 "classes": meta["class_names"], "num_classes": meta["num_classes"],
-                "input_size": meta["input_size"], "device": str(predictor.device), "backend": self.backend,
+                "input_size": meta["input_size"], "device": str(predictor.device), "backend": predictor.backend,
                 "precision": predictor.precision,
                 "metrics": meta.get("metrics", {})}

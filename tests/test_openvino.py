@@ -2,6 +2,7 @@
 checkpoint's own."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 
 from tests.conftest import ROOT
 from tests.test_app import encoded, photo, post_file
@@ -20,7 +22,7 @@ from tests.test_serving import free_port, jpeg, wait_until_ready
 from tests.tiny_checkpoint import make_checkpoint
 from utils.fileio import file_sha256
 from utils.inference import openvino_runtime
-from utils.inference.predictor import Predictor
+from utils.inference.predictor import Predictor, choose_backend
 
 pytest.importorskip("openvino", reason="the backend needs OpenVINO (requirements.txt)")
 
@@ -151,3 +153,21 @@ def test_gunicorn_workers_serve_on_openvino(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_auto_is_openvino_on_the_cpu_and_torch_elsewhere(monkeypatch, caplog):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert choose_backend("auto", cpu, compiled=False) == "openvino"
+    assert choose_backend("auto", gpu, compiled=False) == "torch"
+    assert choose_backend("auto", cpu, compiled=True) == "torch"
+    assert choose_backend("onnxruntime", cpu, compiled=False) == "onnxruntime"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert choose_backend("auto", cpu, compiled=False) == "torch"
+    assert "OpenVINO is not installed" in caplog.text
+
+
+def test_the_service_default_is_auto(monkeypatch):
+    from app import settings
+
+    monkeypatch.delenv("SEG_BACKEND")
+    assert settings.from_environment()["BACKEND"] == "auto"

@@ -14,6 +14,7 @@ utils/inference/openvino_runtime.py).  bench/infer.py times each of these.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -38,6 +39,7 @@ from utils.precision import cpu_supports_bf16
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
+SERVING_BACKENDS = ("auto", *BACKENDS)  # auto: choose_backend
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # What the Predictor and the service run in; "auto" is the guarded choice of choose_precision (not
 # training autocast's "auto"), fp16 runs on CUDA only.
@@ -77,6 +79,20 @@ def choose_precision(requested: str, device: torch.device, guard_passed: Callabl
         return "bf16"
     reduced = "fp16" if device.type == "cuda" else "bf16"
     return reduced if guard_passed(reduced) else "fp32"
+
+
+def choose_backend(requested: str, device: torch.device, compiled: bool) -> str:
+    """What runs the network for ``requested`` (one of SERVING_BACKENDS).  "auto": OpenVINO on
+    the CPU, where it gives torch fp32's class maps faster, when it is installed; torch on a GPU
+    or for torch.compile."""
+    if requested != "auto":
+        return requested
+    if device.type != "cpu" or compiled:
+        return "torch"
+    if importlib.util.find_spec("openvino") is None:
+        log.warning("OpenVINO is not installed: the network runs on torch (pip install -r requirements.txt)")
+        return "torch"
+    return "openvino"
 
 
 def guard_of(checkpoint: str | os.PathLike, device: torch.device) -> Callable[[str], bool]:
@@ -169,13 +185,14 @@ class Predictor:
     """
 
     def __init__(self, model: nn.Module, meta: dict, device: torch.device, precision: str = "fp32",
-                 forward: Forward | None = None) -> None:
+                 forward: Forward | None = None, backend: str = "torch") -> None:
         self.meta = meta
         self.class_names: list[str] = list(meta["class_names"])
         self.num_classes: int = meta["num_classes"]
         self.input_size: tuple[int, int] = tuple(meta["input_size"])
         self.device = device
         self.precision = precision
+        self.backend = backend
         self.model = model.to(device, memory_format=torch.channels_last).eval()
         self.forward: Forward = forward or torch_forward(self.model, device, precision)
 
@@ -187,16 +204,17 @@ class Predictor:
 
         ``precision``: "auto" (bf16/fp16 where the hardware has it and the checkpoint's precision
         guard passed for it, else fp32), "fp32", "bf16" or "fp16" (CUDA only).  ``compiled``:
-        torch.compile the network (its cost is paid here, in the warm-up).  ``backend``: "torch",
-        "onnxruntime" or "openvino" (CPU, fp32).
+        torch.compile the network (its cost is paid here, in the warm-up).  ``backend``: "auto"
+        (choose_backend), "torch", "onnxruntime" or "openvino" (CPU, fp32).
         """
         if precision not in SERVING_PRECISIONS:
             raise ValueError(f"precision must be one of {SERVING_PRECISIONS}, not {precision!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        if backend not in SERVING_BACKENDS:
+            raise ValueError(f"backend must be one of {SERVING_BACKENDS}, not {backend!r}")
         if threads is not None:
             torch.set_num_threads(threads)
         device = pick_device(device)
+        backend = choose_backend(backend, device, compiled)
         checkpoint = load_checkpoint(path, map_location=device)
         model = model_from_checkpoint(checkpoint)
         if backend == "onnxruntime":
@@ -216,7 +234,7 @@ class Predictor:
         if device.type != "cpu" or precision == "bf16":
             raise ValueError("the onnxruntime backend runs on the CPU in fp32 only")
         session = onnxruntime_session(export_onnx(model))
-        return cls(model, meta, device, "fp32", lambda batch: run_session(session, batch))
+        return cls(model, meta, device, "fp32", lambda batch: run_session(session, batch), "onnxruntime")
 
     @classmethod
     def on_openvino(cls, path: str | os.PathLike, model: nn.Module, meta: dict, device: torch.device,
@@ -224,7 +242,7 @@ class Predictor:
         # Reduced precisions on OpenVINO wait for an accuracy guard of their own: f32 until then.
         if device.type != "cpu" or precision not in ("auto", "fp32"):
             raise ValueError("the openvino backend runs on the CPU in fp32 only")
-        return cls(model, meta, device, "fp32", openvino_forward(path, model, threads))
+        return cls(model, meta, device, "fp32", openvino_forward(path, model, threads), "openvino")
 
     def warm_up(self) -> None:
         """One prediction on a blank landscape photo of the network's size (compiles, if compiled)."""
