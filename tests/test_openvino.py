@@ -2,7 +2,6 @@
 checkpoint's own."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import subprocess
@@ -13,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
 
 from tests.conftest import ROOT
 from tests.test_app import encoded, photo, post_file
@@ -22,7 +20,8 @@ from tests.test_serving import free_port, jpeg, wait_until_ready
 from tests.tiny_checkpoint import make_checkpoint
 from utils.fileio import file_sha256
 from utils.inference import openvino_runtime
-from utils.inference.predictor import Predictor, choose_backend
+from utils.inference import predictor as predictor_module
+from utils.inference.predictor import Predictor
 
 pytest.importorskip("openvino", reason="the backend needs OpenVINO (requirements.txt)")
 
@@ -63,9 +62,9 @@ def test_openvino_answers_as_torch_fp32_at_any_size(checkpoint, torch_fp32, widt
 
 def test_the_ir_is_named_by_the_checkpoint_and_reused(checkpoint, monkeypatch):
     Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino")
-    stem = (f"{file_sha256(checkpoint)}-{openvino_runtime.openvino().get_version().split('-')[0]}"
-            f"-{openvino_runtime.OUTPUT_LAYOUT}")
-    assert ir_files(checkpoint) == [f"{stem}.bin", f"{stem}.json", f"{stem}.xml"]
+    paths = openvino_runtime.cache_paths(checkpoint, file_sha256(checkpoint), openvino_runtime.openvino().get_version())
+    assert paths["xml"].name.startswith(file_sha256(checkpoint))
+    assert ir_files(checkpoint) == sorted(path.name for path in paths.values())
 
     def never(model):
         raise AssertionError("converted again although the cache holds this checkpoint's IR")
@@ -73,13 +72,24 @@ def test_the_ir_is_named_by_the_checkpoint_and_reused(checkpoint, monkeypatch):
     Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino")
 
 
-@pytest.mark.parametrize("broken", ["xml", "bin", "json"])
-def test_a_corrupt_cache_is_rebuilt_with_a_log_line(tmp_path, broken, caplog):
+def truncate(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def flip_a_bit(data: bytes) -> bytes:
+    """The same size, one weight's bit flipped: what read_model alone would not notice."""
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0x40]) + data[middle + 1:]
+
+
+@pytest.mark.parametrize("broken, damage", [("xml", truncate), ("bin", truncate), ("json", truncate),
+                                            ("bin", flip_a_bit)])
+def test_a_corrupt_cache_is_rebuilt_with_a_log_line(tmp_path, broken, damage, caplog):
     checkpoint = make_checkpoint(tmp_path / "tiny.pth", varied=True)
     reference = Predictor.from_checkpoint(checkpoint, device="cpu", precision="fp32")
     Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino")
     (victim,) = checkpoint.with_name("tiny.pth.openvino").glob(f"*.{broken}")
-    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])
+    victim.write_bytes(damage(victim.read_bytes()))
     with caplog.at_level(logging.WARNING, logger=openvino_runtime.__name__):
         rebuilt = Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino")
     assert "rebuilding the OpenVINO cache" in caplog.text
@@ -100,9 +110,9 @@ def test_a_checkpoint_replaced_at_the_same_path_gets_its_own_ir(tmp_path):
 def test_an_unwritable_cache_converts_in_memory(tmp_path, monkeypatch, caplog):
     checkpoint = make_checkpoint(tmp_path / "tiny.pth", varied=True)
 
-    def read_only(*args):
-        raise PermissionError("read-only file system")
-    monkeypatch.setattr(openvino_runtime, "write_cache", read_only)
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("Exception from src/core/src/pass/serialize.cpp: No space left on device")
+    monkeypatch.setattr(openvino_runtime.openvino(), "save_model", disk_full)
     with caplog.at_level(logging.WARNING, logger=openvino_runtime.__name__):
         served = Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino")
     assert "not cached" in caplog.text
@@ -122,11 +132,17 @@ def test_the_service_runs_on_openvino_and_says_so(make_client):
     assert answer.status_code == 200 and answer.get_json()["classes"]
 
 
-def test_sizes_beyond_the_kept_graphs_are_compiled_again_and_still_right(checkpoint, torch_fp32, monkeypatch):
+def test_a_size_that_comes_back_gets_its_own_graph_and_few_are_kept(checkpoint, torch_fp32, monkeypatch):
     monkeypatch.setattr(openvino_runtime, "STATIC_SIZES_KEPT", 1)
     openvino = Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino")
-    for width, height in ((97, 131), (131, 97), (97, 131)):
+    core = type(openvino_runtime.openvino().Core())
+    compiled = []
+    compile_model = core.compile_model
+    monkeypatch.setattr(core, "compile_model", lambda self, *args: compiled.append(1) or compile_model(self, *args))
+    for width, height in ((97, 131), (97, 131), (97, 131), (131, 97), (131, 97), (97, 131), (97, 131)):
         assert_same_answers(torch_fp32, openvino, width, height)
+    # 97x131 compiled on its second visit; 131x97 on its second, evicting it; so 97x131 once more.
+    assert len(compiled) == 3
 
 
 def test_gunicorn_workers_serve_on_openvino(tmp_path):
@@ -153,17 +169,26 @@ def test_gunicorn_workers_serve_on_openvino(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+    assert "Traceback" not in process.stderr.read()
+    # Two workers converted at once; whatever they left reads back as this checkpoint's, untouched.
+    checkpoint = tmp_path / "tiny.pth"
+    paths = openvino_runtime.cache_paths(checkpoint, file_sha256(checkpoint), openvino_runtime.openvino().get_version())
+    assert openvino_runtime.read_cached(paths, file_sha256(checkpoint)) is not None
 
 
-def test_auto_is_openvino_on_the_cpu_and_torch_elsewhere(monkeypatch, caplog):
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert choose_backend("auto", cpu, compiled=False) == "openvino"
-    assert choose_backend("auto", gpu, compiled=False) == "torch"
-    assert choose_backend("auto", cpu, compiled=True) == "torch"
-    assert choose_backend("onnxruntime", cpu, compiled=False) == "onnxruntime"
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    assert choose_backend("auto", cpu, compiled=False) == "torch"
-    assert "OpenVINO is not installed" in caplog.text
+def test_auto_is_openvino_where_the_cpu_runs_fp32_and_torch_otherwise(checkpoint, monkeypatch, caplog):
+    assert Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto").backend == "openvino"
+    # A precision the guard passed runs on torch: OpenVINO offers fp32 only.
+    monkeypatch.setattr(predictor_module, "choose_precision", lambda *args: "bf16")
+    assert Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto").backend == "torch"
+    monkeypatch.undo()
+
+    def cannot(*args):
+        raise RuntimeError("Check 'x' failed at src/frontends/pytorch: conversion of aten::foo\nand more")
+    monkeypatch.setattr(predictor_module, "openvino_forward", cannot)
+    with caplog.at_level(logging.WARNING):
+        served = Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto", precision="bf16")
+    assert served.backend == "torch" and "the network runs on torch: Check 'x' failed" in caplog.text
 
 
 def test_the_service_default_is_auto(monkeypatch):

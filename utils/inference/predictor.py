@@ -14,7 +14,6 @@ utils/inference/openvino_runtime.py).  bench/infer.py times each of these.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import time
@@ -39,7 +38,7 @@ from utils.precision import cpu_supports_bf16
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
-SERVING_BACKENDS = ("auto", *BACKENDS)  # auto: choose_backend
+SERVING_BACKENDS = ("auto", *BACKENDS)  # auto: Predictor.on_the_fastest
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # What the Predictor and the service run in; "auto" is the guarded choice of choose_precision (not
 # training autocast's "auto"), fp16 runs on CUDA only.
@@ -79,20 +78,6 @@ def choose_precision(requested: str, device: torch.device, guard_passed: Callabl
         return "bf16"
     reduced = "fp16" if device.type == "cuda" else "bf16"
     return reduced if guard_passed(reduced) else "fp32"
-
-
-def choose_backend(requested: str, device: torch.device, compiled: bool) -> str:
-    """What runs the network for ``requested`` (one of SERVING_BACKENDS).  "auto": OpenVINO on
-    the CPU, where it gives torch fp32's class maps faster, when it is installed; torch on a GPU
-    or for torch.compile."""
-    if requested != "auto":
-        return requested
-    if device.type != "cpu" or compiled:
-        return "torch"
-    if importlib.util.find_spec("openvino") is None:
-        log.warning("OpenVINO is not installed: the network runs on torch (pip install -r requirements.txt)")
-        return "torch"
-    return "openvino"
 
 
 def guard_of(checkpoint: str | os.PathLike, device: torch.device) -> Callable[[str], bool]:
@@ -205,7 +190,7 @@ class Predictor:
         ``precision``: "auto" (bf16/fp16 where the hardware has it and the checkpoint's precision
         guard passed for it, else fp32), "fp32", "bf16" or "fp16" (CUDA only).  ``compiled``:
         torch.compile the network (its cost is paid here, in the warm-up).  ``backend``: "auto"
-        (choose_backend), "torch", "onnxruntime" or "openvino" (CPU, fp32).
+        (on_the_fastest), "torch", "onnxruntime" or "openvino" (CPU, fp32).
         """
         if precision not in SERVING_PRECISIONS:
             raise ValueError(f"precision must be one of {SERVING_PRECISIONS}, not {precision!r}")
@@ -214,20 +199,41 @@ class Predictor:
         if threads is not None:
             torch.set_num_threads(threads)
         device = pick_device(device)
-        backend = choose_backend(backend, device, compiled)
         checkpoint = load_checkpoint(path, map_location=device)
-        model = model_from_checkpoint(checkpoint)
-        if backend == "onnxruntime":
-            predictor = cls.on_onnxruntime(model, checkpoint["meta"], device, precision)
+        model, meta = model_from_checkpoint(checkpoint), checkpoint["meta"]
+        if backend == "auto":
+            predictor = cls.on_the_fastest(path, model, meta, device, precision, threads, compiled)
+        elif backend == "onnxruntime":
+            predictor = cls.on_onnxruntime(model, meta, device, precision)
         elif backend == "openvino":
-            predictor = cls.on_openvino(path, model, checkpoint["meta"], device, precision, threads)
+            predictor = cls.on_openvino(path, model, meta, device, precision, threads)
         else:
-            chosen = choose_precision(precision, device, guard_of(path, device))
-            predictor = cls(model, checkpoint["meta"], device, chosen)
-            if compiled:
-                predictor.forward = compiled_forward(predictor.model, device, chosen)
+            predictor = cls.on_torch(path, model, meta, device, precision, compiled)
         predictor.warm_up()
         return predictor
+
+    @classmethod
+    def on_torch(cls, path: str | os.PathLike, model: nn.Module, meta: dict, device: torch.device,
+                 precision: str, compiled: bool) -> Predictor:
+        chosen = choose_precision(precision, device, guard_of(path, device))
+        predictor = cls(model, meta, device, chosen)
+        if compiled:
+            predictor.forward = compiled_forward(predictor.model, device, chosen)
+        return predictor
+
+    @classmethod
+    def on_the_fastest(cls, path: str | os.PathLike, model: nn.Module, meta: dict, device: torch.device,
+                       precision: str, threads: int | None, compiled: bool) -> Predictor:
+        """OpenVINO where the network would run on the CPU in fp32 anyway (it gives torch fp32's
+        class maps, faster); torch on a GPU, for torch.compile, for a guarded reduced precision, and
+        where OpenVINO is missing or cannot convert the network (with a log line)."""
+        runs_fp32 = choose_precision(precision, device, guard_of(path, device)) == "fp32"
+        if device.type == "cpu" and not compiled and runs_fp32:
+            try:
+                return cls.on_openvino(path, model, meta, device, "fp32", threads)
+            except (ImportError, RuntimeError) as error:  # RuntimeError: OpenVINO's conversion failures
+                log.warning("the network runs on torch: %s", str(error).splitlines()[0])
+        return cls.on_torch(path, model, meta, device, precision, compiled)
 
     @classmethod
     def on_onnxruntime(cls, model: nn.Module, meta: dict, device: torch.device, precision: str) -> Predictor:
