@@ -17,6 +17,7 @@ import sys
 
 from utils.cli import positive_int, setup_logging, user_errors_exit
 from utils.inference.predict import MediaError, predict_media
+from utils.inference.predictor import BACKENDS
 
 
 def unit_fraction(text: str) -> float:
@@ -34,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="folder for the outputs")
     parser.add_argument("--raw", action="store_true", help="also write class ids as lossless PNGs")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="what runs the network: torch, onnxruntime or openvino (CPU, fp32; default: torch)")
     parser.add_argument("--alpha", type=unit_fraction, default=0.5, help="opacity of the class colours")
     parser.add_argument("--max-frames", type=positive_int, default=None,
                         help="stop a video or camera after this many frames (camera default: 300)")

@@ -13,6 +13,7 @@ import sys
 import config
 from utils.cli import positive_int, setup_logging, user_errors_exit
 from utils.data.datasets import add_dataset_arguments
+from utils.inference.predictor import BACKENDS
 from utils.inference.test_draw import compute_time, draw
 
 
@@ -26,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="images per split to draw (default 20) or to time (default 100)")
     parser.add_argument("--warmup", type=int, default=5, help="compute_time: untimed runs first")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="what runs the network: torch, onnxruntime or openvino (CPU, fp32; default: torch)")
     args = parser.parse_args(argv)
     if args.count is None:
         args.count = 20 if args.command == "draw" else 100

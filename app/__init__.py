@@ -17,7 +17,8 @@ def create_app(config: dict | None = None) -> Flask:
     app.config.update(config or {})
     Path(app.config["RESULTS_DIR"]).mkdir(parents=True, exist_ok=True)
     app.extensions["segmenter"] = Segmenter(app.config["CHECKPOINT"], app.config["TORCH_THREADS"],
-                                            app.config["PRECISION"], app.config["COMPILE"], app.config["DEVICE"])
+                                            app.config["PRECISION"], app.config["COMPILE"], app.config["DEVICE"],
+                                            app.config["BACKEND"])
 
     from app import routes
     app.register_blueprint(routes.blueprint)

@@ -29,8 +29,9 @@ class Segmenter:
     so gunicorn's parent never touches torch/CUDA before forking."""
 
     def __init__(self, checkpoint: str, threads: int | None = None, precision: str = "auto",
-                 compiled: bool = False, device: str | None = None) -> None:
+                 compiled: bool = False, device: str | None = None, backend: str = "auto") -> None:
         self.checkpoint = checkpoint
+        self.backend = backend
         self.device = device
         self.threads = threads
         self.precision = precision
@@ -48,7 +49,8 @@ class Segmenter:
         with self._load_lock:
             if self._predictor is None:
                 self._predictor = Predictor.from_checkpoint(self.checkpoint, device=self.device, threads=self.threads,
-                                                            precision=self.precision, compiled=self.compiled)
+                                                            precision=self.precision, compiled=self.compiled,
+                                                            backend=self.backend)
         return self._predictor
 
     def segment(self, image: Image.Image) -> Segmentation:
@@ -66,5 +68,6 @@ class Segmenter:
         meta = predictor.meta
         return {"architecture": meta["arch"], "arch_args": meta["arch_args"], "checkpoint": Path(self.checkpoint).name,
                 "classes": meta["class_names"], "num_classes": meta["num_classes"],
-                "input_size": meta["input_size"], "device": str(predictor.device), "precision": predictor.precision,
+                "input_size": meta["input_size"], "device": str(predictor.device), "backend": predictor.backend,
+                "precision": predictor.precision,
                 "metrics": meta.get("metrics", {})}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from utils.inference.predictor import SERVING_PRECISIONS
+from utils.inference.predictor import SERVING_BACKENDS, SERVING_PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = ROOT / "save" / "default" / "model.pth"
@@ -62,6 +62,7 @@ def from_environment() -> dict:
         "MAX_PIXELS": _int("SEG_MAX_PIXELS", 40_000_000),
         "TORCH_THREADS": int(threads) if threads else None,
         "PRECISION": _choice("SEG_PRECISION", SERVING_PRECISIONS, "auto"),
+        "BACKEND": _choice("SEG_BACKEND", SERVING_BACKENDS, "auto"),
         "DEVICE": _device(),
         "COMPILE": os.environ.get("SEG_COMPILE", "0") == "1",
         "API_TOKEN": os.environ.get("SEG_API_TOKEN") or None,

@@ -6,13 +6,15 @@ service path stage by stage.
 
 Without --checkpoint: the full U-Net (base width 64, random init, 91 classes) on a 512x512
 photo, then save/default/model.pth on a 640x480 photo when it exists.  For each model: the
-FLOPs of one forward, the matmul peak (fp32 and bf16, a large torch.mm), the median forward
-time of each mode (fp32 eager NCHW, fp32 channels_last, bf16 channels_last, torch.compile,
-ONNX Runtime) as a ratio to the compute floor (FLOPs / bf16 peak) and to fp32 eager; then the
+FLOPs of one forward, the matmul peak (fp32, and bf16 where native; a large torch.mm), the median
+forward time of each mode (fp32 eager NCHW, fp32 channels_last, bf16 channels_last,
+torch.compile, ONNX Runtime, OpenVINO) as a ratio to the compute floor (FLOPs / bf16 peak, or
+fp32 peak where the CPU lacks native bf16) and to fp32 eager; then the
 service path of ``POST /json?rle=1`` (decode, preprocess, forward, argmax/confidence, upsample,
 summarize, overlay, JPEG encode, class-id PNG encode, RLE encode, JSON encode) with the
 precision the service would choose.  Last line: ``ratio: X.XX``, the service path of the last
-model over its bf16 compute floor (goal <= 1.5).
+model over its compute floor (goal <= 1.5).  --service-backends torch openvino times the service
+path on each backend in the same run and prints their ratio.
 
 With --architectures: only each named registry model (default arguments, 91 classes, random
 init) with its parameter count and the median fp32 channels_last forward of one size x size image.
@@ -43,7 +45,7 @@ from utils.checkpoint import save_checkpoint
 from utils.classes import COCO_CLASSES
 from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from utils.drawing import render_overlay
-from utils.inference.predictor import Prediction, Predictor, to_original_size, top_class_and_confidence
+from utils.inference.predictor import BACKENDS, Prediction, Predictor, to_original_size, top_class_and_confidence
 from utils.inference.summary import summarize
 from utils.precision import cpu_supports_bf16
 
@@ -105,6 +107,10 @@ def load_modes(checkpoint: Path, photo: Image.Image) -> list[Mode]:
         options.append(("onnxruntime fp32", {"backend": "onnxruntime"}))
     else:
         print("onnxruntime fp32: skipped (pip install -r requirements-dev.txt)")
+    if importlib.util.find_spec("openvino"):
+        options.append(("openvino fp32", {"backend": "openvino"}))
+    else:
+        print("openvino fp32: skipped (pip install -r requirements.txt)")
     modes = []
     for name, keywords in options:
         started = time.perf_counter()
@@ -210,22 +216,43 @@ def report_modes(checkpoint: Path, photo: Image.Image, repeat: int, flops: int, 
 
 
 def report_case(case: Case, repeat: int, peaks: dict[str, float], service_precision: str,
-                service_only: bool) -> float:
-    """Print one model's figures; returns its service path median over its bf16 compute floor."""
+                service_only: bool, backends: list[str]) -> float:
+    """Print one model's figures; returns its (last backend's) service path median over its compute floor."""
     jpeg = photo_jpeg(case.width, case.height)
     photo = decode_image(jpeg, 40_000_000)
-    served = Predictor.from_checkpoint(case.checkpoint, device="cpu", precision=service_precision)
-    batch, _ = served.preprocess(photo)
-    flops = forward_flops(served, batch)
-    floor_ms = flops / peaks["bf16"] / 1e6
+    torch_path = Predictor.from_checkpoint(case.checkpoint, device="cpu", precision=service_precision)
+    batch, _ = torch_path.preprocess(photo)
+    flops = forward_flops(torch_path, batch)
+    floor_dtype = floor_precision()
+    floor_ms = flops / peaks[floor_dtype] / 1e6
     height, width = batch.shape[-2:]
     print(f"\n== {case.name}: {case.width}x{case.height} photo, network input {width}x{height} ==")
-    print(f"FLOPs per forward: {flops / 1e9:.1f} GFLOP; compute floor (FLOPs / bf16 peak): {floor_ms:.1f} ms")
+    print(f"FLOPs per forward: {flops / 1e9:.1f} GFLOP; compute floor (FLOPs / {floor_dtype} peak): {floor_ms:.1f} ms")
     if not service_only:
         report_modes(case.checkpoint, photo, repeat, flops, floor_ms)
+    totals = {}
+    for backend in backends:
+        served = torch_path if backend == "torch" else Predictor.from_checkpoint(
+            case.checkpoint, device="cpu", precision=service_precision, backend=backend)
+        totals[backend] = report_service_path(served, backend, jpeg, repeat, floor_ms, floor_dtype)
+    first = backends[0]
+    for backend in backends[1:]:
+        print(f"service path end to end, {first} / {backend}: {totals[first] / totals[backend]:.2f}x")
+    return totals[backends[-1]] / floor_ms
+
+
+def floor_precision() -> str:
+    """The dtype of the compute floor: bf16 where the CPU has it natively, else fp32 (emulated bf16
+    is slower than fp32, and its matmul peak would take minutes to measure)."""
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def report_service_path(served: Predictor, backend: str, jpeg: bytes, repeat: int, floor_ms: float,
+                        floor_dtype: str) -> float:
+    """Print the service path stage by stage; returns its end-to-end median ms."""
     stages, total = time_service_path(served, jpeg, repeat)
     forward = stages["forward"]
-    print(f"service path ({served.precision}, channels_last, {torch.get_num_threads()} threads), median ms:")
+    print(f"service path ({backend} {served.precision}, {torch.get_num_threads()} threads), median ms:")
     for name, ms in stages.items():
         share = "" if name == "forward" else f"{ms / forward:8.1%} of forward"
         print(f"  {name:<22}{ms:>8.1f}  {share}")
@@ -234,9 +261,9 @@ def report_case(case: Case, repeat: int, peaks: dict[str, float], service_precis
           f"(goal <= {OVERHEAD_GOAL:.0%})")
     mask = sum(stages[name] for name in MASK_STAGES)
     print(f"  class-id PNG + RLE: {mask:.1f} ms = {mask / forward:.1%} of the forward (goal <= {MASK_GOAL:.0%})")
-    print(f"  whole path end to end: {total:.1f} ms = {total / floor_ms:.2f}x the bf16 compute floor "
+    print(f"  whole path end to end: {total:.1f} ms = {total / floor_ms:.2f}x the {floor_dtype} compute floor "
           f"(goal <= {SERVICE_GOAL})")
-    return total / floor_ms
+    return total
 
 
 @torch.inference_mode()
@@ -271,6 +298,8 @@ def main() -> None:
                         help="only the service path, not the comparison of execution modes (minutes less)")
     parser.add_argument("--service-precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="the service path's precision (auto: as the service decides)")
+    parser.add_argument("--service-backends", nargs="+", choices=BACKENDS, default=["torch"],
+                        help="time the service path on each, side by side (for example: torch openvino)")
     parser.add_argument("--architectures", nargs="+", choices=sorted(ARCHITECTURES), metavar="MODEL",
                         help="only time these registry models' forward at --size (parameters too)")
     parser.add_argument("--size", type=int, default=512, help="image side with --architectures")
@@ -280,11 +309,15 @@ def main() -> None:
     if args.architectures:
         report_architectures(args.architectures, args.size, args.repeat)
         return
-    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
-    print(f"matmul peak (4096x4096 torch.mm, {args.threads} threads): fp32 {peaks['fp32']:.0f} GFLOP/s, "
-          f"bf16 {peaks['bf16']:.0f} GFLOP/s")
+    peaks = {"fp32": matmul_peak_gflops(torch.float32)}
+    if cpu_supports_bf16():
+        peaks["bf16"] = matmul_peak_gflops(torch.bfloat16)
+    shown = ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in peaks.items())
+    skipped = "" if "bf16" in peaks else " (bf16 skipped: not native on this CPU)"
+    print(f"matmul peak (4096x4096 torch.mm, {args.threads} threads): {shown}{skipped}")
     with tempfile.TemporaryDirectory() as folder:
-        ratios = [report_case(case, args.repeat, peaks, args.service_precision, args.service_only)
+        ratios = [report_case(case, args.repeat, peaks, args.service_precision, args.service_only,
+                              args.service_backends)
                   for case in cases(args, Path(folder))]
     print(f"ratio: {ratios[-1]:.2f}")
 

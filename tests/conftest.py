@@ -15,6 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SHARED_WEIGHTS = ROOT.parent / "shared" / "weights"
 
+# The service's default backend is OpenVINO on the CPU (SEG_BACKEND=auto), which converts each new
+# checkpoint once: the app tests, each on checkpoints of their own, run on torch unless they ask
+# (tests/test_openvino.py serves on OpenVINO, in a test client and under gunicorn).
+os.environ.setdefault("SEG_BACKEND", "torch")
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One torch thread per test process: the suite runs a process per core (pytest -n auto), and
     # two processes of two threads each on two cores would only preempt each other.

@@ -244,7 +244,7 @@ def predict_stream(predictor: Predictor, capture: cv2.VideoCapture, name: str, o
 
 
 def load_predictor(args: argparse.Namespace) -> Predictor:
-    return Predictor.from_checkpoint(args.checkpoint, threads=args.threads)
+    return Predictor.from_checkpoint(args.checkpoint, threads=args.threads, backend=args.backend)
 
 
 def predict_capture(args: argparse.Namespace, source: str | int, name: str, max_frames: int | None) -> None:

@@ -9,7 +9,8 @@ in fp32, or under bf16 autocast (CPUs with native bf16) / fp16 autocast (CUDA) w
 (``<checkpoint>.guard.json``, written by tools/guard_precision.py), or when ``precision="bf16"``
 or ``"fp16"`` (CUDA) asks for it.  ``compiled=True``
 adds torch.compile, compiled during loading; ``backend="onnxruntime"`` runs the exported ONNX
-graph instead (CPU, fp32).  bench/infer.py times each of these.
+graph instead (CPU, fp32), ``backend="openvino"`` the checkpoint's cached OpenVINO IR (CPU, fp32;
+utils/inference/openvino_runtime.py).  bench/infer.py times each of these.
 """
 from __future__ import annotations
 
@@ -30,12 +31,14 @@ from model.export_onnx import export_onnx, onnxruntime_session, run_session
 from utils.checkpoint import load_checkpoint
 from utils.data.transforms import SIZE_MULTIPLE, normalise, padded_size, to_unit_range
 from utils.fileio import to_rgb
+from utils.inference.openvino_runtime import openvino_forward
 from utils.inference.precision_guard import precision_allowed
 from utils.precision import cpu_supports_bf16
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino")
+SERVING_BACKENDS = ("auto", *BACKENDS)  # auto: Predictor.on_the_fastest
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # What the Predictor and the service run in; "auto" is the guarded choice of choose_precision (not
 # training autocast's "auto"), fp16 runs on CUDA only.
@@ -167,13 +170,14 @@ class Predictor:
     """
 
     def __init__(self, model: nn.Module, meta: dict, device: torch.device, precision: str = "fp32",
-                 forward: Forward | None = None) -> None:
+                 forward: Forward | None = None, backend: str = "torch") -> None:
         self.meta = meta
         self.class_names: list[str] = list(meta["class_names"])
         self.num_classes: int = meta["num_classes"]
         self.input_size: tuple[int, int] = tuple(meta["input_size"])
         self.device = device
         self.precision = precision
+        self.backend = backend
         self.model = model.to(device, memory_format=torch.channels_last).eval()
         self.forward: Forward = forward or torch_forward(self.model, device, precision)
 
@@ -185,34 +189,66 @@ class Predictor:
 
         ``precision``: "auto" (bf16/fp16 where the hardware has it and the checkpoint's precision
         guard passed for it, else fp32), "fp32", "bf16" or "fp16" (CUDA only).  ``compiled``:
-        torch.compile the network (its cost is paid here, in the warm-up).  ``backend``: "torch" or
-        "onnxruntime" (CPU, fp32).
+        torch.compile the network (its cost is paid here, in the warm-up).  ``backend``: "auto"
+        (on_the_fastest), "torch", "onnxruntime" or "openvino" (CPU, fp32).
         """
         if precision not in SERVING_PRECISIONS:
             raise ValueError(f"precision must be one of {SERVING_PRECISIONS}, not {precision!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        if backend not in SERVING_BACKENDS:
+            raise ValueError(f"backend must be one of {SERVING_BACKENDS}, not {backend!r}")
         if threads is not None:
             torch.set_num_threads(threads)
         device = pick_device(device)
         checkpoint = load_checkpoint(path, map_location=device)
-        model = model_from_checkpoint(checkpoint)
-        if backend == "onnxruntime":
-            predictor = cls.on_onnxruntime(model, checkpoint["meta"], device, precision)
+        model, meta = model_from_checkpoint(checkpoint), checkpoint["meta"]
+        if backend == "auto":
+            predictor = cls.on_the_fastest(path, model, meta, device, precision, threads, compiled)
+        elif backend == "onnxruntime":
+            predictor = cls.on_onnxruntime(model, meta, device, precision)
+        elif backend == "openvino":
+            predictor = cls.on_openvino(path, model, meta, device, precision, threads)
         else:
-            chosen = choose_precision(precision, device, guard_of(path, device))
-            predictor = cls(model, checkpoint["meta"], device, chosen)
-            if compiled:
-                predictor.forward = compiled_forward(predictor.model, device, chosen)
+            predictor = cls.on_torch(path, model, meta, device, precision, compiled)
         predictor.warm_up()
         return predictor
+
+    @classmethod
+    def on_torch(cls, path: str | os.PathLike, model: nn.Module, meta: dict, device: torch.device,
+                 precision: str, compiled: bool) -> Predictor:
+        chosen = choose_precision(precision, device, guard_of(path, device))
+        predictor = cls(model, meta, device, chosen)
+        if compiled:
+            predictor.forward = compiled_forward(predictor.model, device, chosen)
+        return predictor
+
+    @classmethod
+    def on_the_fastest(cls, path: str | os.PathLike, model: nn.Module, meta: dict, device: torch.device,
+                       precision: str, threads: int | None, compiled: bool) -> Predictor:
+        """OpenVINO where the network would run on the CPU in fp32 anyway (it gives torch fp32's
+        class maps, faster); torch on a GPU, for torch.compile, for a guarded reduced precision, and
+        where OpenVINO is missing or cannot convert the network (with a log line)."""
+        runs_fp32 = choose_precision(precision, device, guard_of(path, device)) == "fp32"
+        if device.type == "cpu" and not compiled and runs_fp32:
+            try:
+                return cls.on_openvino(path, model, meta, device, "fp32", threads)
+            except (ImportError, RuntimeError) as error:  # RuntimeError: OpenVINO's conversion failures
+                log.warning("the network runs on torch: %s", str(error).splitlines()[0])
+        return cls.on_torch(path, model, meta, device, precision, compiled)
 
     @classmethod
     def on_onnxruntime(cls, model: nn.Module, meta: dict, device: torch.device, precision: str) -> Predictor:
         if device.type != "cpu" or precision == "bf16":
             raise ValueError("the onnxruntime backend runs on the CPU in fp32 only")
         session = onnxruntime_session(export_onnx(model))
-        return cls(model, meta, device, "fp32", lambda batch: run_session(session, batch))
+        return cls(model, meta, device, "fp32", lambda batch: run_session(session, batch), "onnxruntime")
+
+    @classmethod
+    def on_openvino(cls, path: str | os.PathLike, model: nn.Module, meta: dict, device: torch.device,
+                    precision: str, threads: int | None) -> Predictor:
+        # Reduced precisions on OpenVINO wait for an accuracy guard of their own: f32 until then.
+        if device.type != "cpu" or precision not in ("auto", "fp32"):
+            raise ValueError("the openvino backend runs on the CPU in fp32 only")
+        return cls(model, meta, device, "fp32", openvino_forward(path, model, threads), "openvino")
 
     def warm_up(self) -> None:
         """One prediction on a blank landscape photo of the network's size (compiles, if compiled)."""

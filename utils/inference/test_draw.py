@@ -33,7 +33,7 @@ def draw_split(predictor: Predictor, dataset: PairedDataset, count: int, out_dir
 
 
 def draw(args: argparse.Namespace) -> None:
-    predictor = Predictor.from_checkpoint(args.checkpoint, threads=args.threads)
+    predictor = Predictor.from_checkpoint(args.checkpoint, threads=args.threads, backend=args.backend)
     out_dir = Path(args.save_dir) / "draw"
     drawn = sum(draw_split(predictor, build_dataset(args, split), args.count, out_dir, split)
                 for split in ("train", "val"))
@@ -42,7 +42,7 @@ def draw(args: argparse.Namespace) -> None:
 
 def compute_time(args: argparse.Namespace) -> dict:
     """Latency of the whole predictor path over ``args.count`` images, after a warm-up."""
-    predictor = Predictor.from_checkpoint(args.checkpoint, threads=args.threads)
+    predictor = Predictor.from_checkpoint(args.checkpoint, threads=args.threads, backend=args.backend)
     dataset = build_dataset(args, "val")
     images = [Image.fromarray(dataset.load(i % len(dataset))[0]) for i in range(min(args.count, len(dataset)))]
     for image in images[: args.warmup]:
