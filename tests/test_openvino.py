@@ -3,9 +3,6 @@ checkpoint's own."""
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,10 +10,9 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import ROOT
 from tests.test_app import encoded, photo, post_file
 from tests.test_predictor import noise_image
-from tests.test_serving import free_port, jpeg, wait_until_ready
+from tests.test_serving import gunicorn, jpeg
 from tests.tiny_checkpoint import make_checkpoint
 from utils.fileio import file_sha256
 from utils.inference import openvino_runtime
@@ -147,16 +143,7 @@ def test_a_size_that_comes_back_gets_its_own_graph_and_few_are_kept(checkpoint, 
 
 def test_gunicorn_workers_serve_on_openvino(tmp_path):
     """Two workers, each compiling its own graphs after the fork."""
-    port = free_port()
-    environment = dict(os.environ, SEG_CHECKPOINT=str(make_checkpoint(tmp_path / "tiny.pth", varied=True)),
-                       SEG_RESULTS_DIR=str(tmp_path / "results"), SEG_BIND=f"127.0.0.1:{port}",
-                       SEG_WORKERS="2", SEG_THREADS="1", SEG_BACKEND="openvino")
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "app:create_app()"],
-                               cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url, process)
-
+    with gunicorn(tmp_path, SEG_BACKEND="openvino") as (url, process):
         def one(n: int) -> tuple[int, int]:
             width, height = 60 + n, 40 + 2 * n
             response = requests.post(url + "/json", files={"file": ("p.jpg", jpeg(width, height, n))}, timeout=60)
@@ -166,9 +153,6 @@ def test_gunicorn_workers_serve_on_openvino(tmp_path):
             assert list(pool.map(one, range(8))) == [(200, 0)] * 8
         described = requests.get(url + "/api/model", timeout=30).json()
         assert (described["backend"], described["precision"]) == ("openvino", "fp32")
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
     assert "Traceback" not in process.stderr.read()
     # Two workers converted at once; whatever they left reads back as this checkpoint's, untouched.
     checkpoint = tmp_path / "tiny.pth"

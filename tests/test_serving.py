@@ -5,6 +5,7 @@ The browser tests save screenshots in save/screenshots/ (ignored by git) to look
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -12,7 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,23 +46,30 @@ def wait_until_ready(url: str, process: subprocess.Popen, seconds: float = 90) -
     raise AssertionError("server did not become ready")
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """gunicorn with 2 workers serving the tiny checkpoint; yields its base URL."""
-    folder = tmp_path_factory.mktemp("served")
+@contextlib.contextmanager
+def gunicorn(folder: Path, **settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """gunicorn with 2 workers serving a tiny checkpoint in ``folder`` (``settings``: more SEG_*
+    variables); yields its base URL and the process, whose stderr is a pipe."""
     port = free_port()
     environment = dict(os.environ, SEG_CHECKPOINT=str(make_checkpoint(folder / "tiny.pth", varied=True)),
                        SEG_RESULTS_DIR=str(folder / "results"), SEG_BIND=f"127.0.0.1:{port}",
-                       SEG_WORKERS="2", SEG_THREADS_PER_WORKER="2", SEG_THREADS="1")
+                       SEG_WORKERS="2", SEG_THREADS="1", **settings)
     process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "app:create_app()"],
                                cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(url, process)
-        yield url
+        yield url, process
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """gunicorn with 2 workers serving the tiny checkpoint; yields its base URL."""
+    with gunicorn(tmp_path_factory.mktemp("served"), SEG_THREADS_PER_WORKER="2") as (url, _):
+        yield url
 
 
 def jpeg(width: int, height: int, seed: int, smooth: bool = False) -> bytes:
