@@ -35,6 +35,13 @@ def size_scale(model: nn.Module) -> int:
     return -(-max(min_input_size(model), SMALLEST_SIZE) // SMALLEST_SIZE)
 
 
+def trace_size(model: nn.Module) -> tuple[int, int]:
+    """The (height, width) a trace of ``model`` runs at: TRACE_SIZE scaled so that it stays odd at
+    every pooling level ((31, 47) scaled by 2 is (63, 95): (size + 1) * scale - 1)."""
+    scale = size_scale(model)
+    return tuple((size + 1) * scale - 1 for size in TRACE_SIZE)
+
+
 def check_sizes(model: nn.Module) -> list[tuple[int, int]]:
     """The (height, width) sizes an export of ``model`` is checked at."""
     scale = size_scale(model)
@@ -75,10 +82,8 @@ def export_onnx(model: nn.Module) -> bytes:
     for module in ("onnx", "onnxscript"):
         require(module)
     wrapped = LogitsOnly(model).cpu().float().eval()
-    scale = size_scale(model)
-    # (31, 47) scaled by 2 stays odd at every pooling level as (63, 95): (size + 1) * scale - 1.
-    sample = torch.zeros(2, 3, *((size + 1) * scale - 1 for size in TRACE_SIZE))
-    smallest = SMALLEST_SIZE * scale
+    sample = torch.zeros(2, 3, *trace_size(model))
+    smallest = SMALLEST_SIZE * size_scale(model)
     free = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height", min=smallest),
             3: torch.export.Dim("width", min=smallest)}
     # The exporter prints progress, warns about its own internals and dumps graphs when it fails;

@@ -27,15 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.export_onnx import LogitsOnly
+from model.export_onnx import LogitsOnly, trace_size
 from utils.errors import UserError
 from utils.fileio import file_sha256, write_text
 
 log = logging.getLogger(__name__)
 
-# The sample the converter traces with: odd at every pooling level, height and width apart, as
-# for the ONNX export (model/export_onnx.py); the IR's height and width stay free.
-TRACE_SIZE = (63, 95)
 # What our converted graph returns: logits pixel-major (N x H x W x C), the layout whose per-pixel
 # softmax and max read memory in order.  Part of the cache name: an IR of another layout is not ours.
 OUTPUT_LAYOUT = "nhwc"
@@ -75,12 +72,13 @@ def convert(model: nn.Module):  # -> openvino.Model
     """The ov.Model of ``model``'s main logits, N x H x W x C, for 1 x 3 x H x W float32 input, H and W free."""
     ov = openvino()
     wrapped = PixelMajorLogits(model).cpu().float().eval()
-    # The tracer warns at each Python branch on a shape; TRACE_SIZE takes the branches that are
-    # right at every size (the U-Net's pads, computed from the shape, are 0 where none is needed).
+    # The tracer warns at each Python branch on a shape; the ONNX export's trace size takes the
+    # branches that are right at every size (the U-Net's pads, computed from the shape, are 0
+    # where none is needed).  The IR's height and width stay free.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)  # OpenVINO's converter traces with torch.jit.trace
-        return ov.convert_model(wrapped, example_input=torch.zeros(1, 3, *TRACE_SIZE),
+        return ov.convert_model(wrapped, example_input=torch.zeros(1, 3, *trace_size(model)),
                                 input=[ov.PartialShape([1, 3, -1, -1])])
 
 
