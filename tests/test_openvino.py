@@ -3,6 +3,8 @@ checkpoint's own."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -180,3 +182,28 @@ def test_the_service_default_is_auto(monkeypatch):
 
     monkeypatch.delenv("SEG_BACKEND")
     assert settings.from_environment()["BACKEND"] == "auto"
+
+
+def test_predict_py_runs_on_the_backend_it_is_given(checkpoint, tmp_path, monkeypatch):
+    import predict
+
+    forwards = []
+    real = predictor_module.openvino_forward
+    monkeypatch.setattr(predictor_module, "openvino_forward", lambda *args: forwards.append(1) or real(*args))
+    noise_image(90, 70).save(tmp_path / "photo.jpg")
+    arguments = ["--checkpoint", str(checkpoint), "--input", str(tmp_path / "photo.jpg"),
+                 "--out", str(tmp_path / "out")]
+    assert predict.main([*arguments, "--backend", "openvino"]) == 0
+    assert forwards == [1] and (tmp_path / "out" / "photo_overlay.jpg").exists()
+
+
+def test_other_checkpoints_files_and_dead_writers_staging_leave_the_cache(tmp_path):
+    folder = tmp_path / "tiny.pth.openvino"
+    (folder / ".staging-dead").mkdir(parents=True)
+    (folder / ".staging-writing").mkdir()
+    old = time.time() - openvino_runtime.STAGING_MAX_AGE_S - 60
+    os.utime(folder / ".staging-dead", (old, old))
+    for name in ("mine.xml", "mine.json", "theirs.xml", "theirs.bin"):
+        (folder / name).write_text("x")
+    openvino_runtime.remove_others(folder, "mine")
+    assert sorted(path.name for path in folder.iterdir()) == [".staging-writing", "mine.json", "mine.xml"]
