@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint dev default-model flood-model demo-convert clean
+.PHONY: run test lint dev default-model default-int8 flood-model demo-convert clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ dev: $(STAMP)
 # Rebuild the default model from ../shared/data and ../shared/weights (about an hour on 2 CPU cores; see MODEL_CARD.md).
 default-model: $(STAMP)
 	$(PYTHON) tools/default_model.py
+
+# Only the default model's INT8 IR and its guard verdict (tools/quantize.py; minutes on 2 CPU cores).
+default-int8: $(STAMP)
+	$(PYTHON) tools/default_model.py --int8-only
 
 # Flood areas with pretrained features: MobileNetV2 U-Net (ImageNet file), binary masks, Dice + CE,
 # 30 epochs of 8 x 320 crops (17-22 minutes on 2 CPU cores), then test.py on the val split.

@@ -19,6 +19,7 @@ from tests.tiny_checkpoint import make_checkpoint
 from utils.fileio import file_sha256
 from utils.inference import openvino_runtime
 from utils.inference import predictor as predictor_module
+from utils.inference.precision_guard import write_guard
 from utils.inference.predictor import Predictor
 
 pytest.importorskip("openvino", reason="the backend needs OpenVINO (requirements.txt)")
@@ -117,9 +118,21 @@ def test_an_unwritable_cache_converts_in_memory(tmp_path, monkeypatch, caplog):
     assert_same_answers(Predictor.from_checkpoint(checkpoint, device="cpu", precision="fp32"), served, 64, 48)
 
 
-def test_reduced_precisions_wait_for_a_guard_of_their_own(checkpoint):
-    with pytest.raises(ValueError, match="fp32 only"):
-        Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino", precision="bf16")
+def test_openvino_runs_bf16_only_where_native_and_asked_for_or_guarded(tmp_path, checkpoint, monkeypatch, caplog):
+    copy = tmp_path / "tiny.pth"
+    copy.write_bytes(checkpoint.read_bytes())
+    with caplog.at_level(logging.WARNING):
+        assert Predictor.from_checkpoint(copy, device="cpu", backend="openvino", precision="bf16").precision == "fp32"
+    assert "this CPU has no native bf16: running fp32" in caplog.text
+    with pytest.raises(ValueError, match="fp16 runs on CUDA only"):
+        Predictor.from_checkpoint(copy, device="cpu", backend="openvino", precision="fp16")
+
+    monkeypatch.setattr(openvino_runtime, "cpu_supports_bf16", lambda: True)
+    assert Predictor.from_checkpoint(copy, device="cpu", backend="openvino").precision == "fp32"  # no verdict
+    assert Predictor.from_checkpoint(copy, device="cpu", backend="openvino", precision="bf16").precision == "bf16"
+    write_guard(copy, {"agreement": 1.0, "worst_image_agreement": 1.0, "miou_drop_points": 0.0}, "openvino", "bf16")
+    served = Predictor.from_checkpoint(copy, device="cpu", backend="auto")
+    assert (served.backend, served.precision) == ("openvino", "bf16")
 
 
 def test_the_service_runs_on_openvino_and_says_so(make_client):

@@ -18,6 +18,7 @@ from utils.inference import predictor as predictor_module
 from utils.inference.precision_guard import (
     MAX_MIOU_DROP_POINTS,
     MIN_AGREEMENT,
+    MIN_IMAGE_AGREEMENT,
     compare_precisions,
     guard_path,
     passes,
@@ -58,21 +59,47 @@ def guard_command(checkpoint, data_root, *extra: str) -> int:
                                  "--mask-dir", str(data_root / "masks"), "--val-split", "val2017", *extra])
 
 
-def test_the_rule_needs_both_agreement_and_a_small_miou_drop():
-    assert passes(MIN_AGREEMENT, MAX_MIOU_DROP_POINTS)
-    assert passes(1.0, -0.5)  # bf16 scoring higher is no reason to refuse it
-    assert not passes(MIN_AGREEMENT - 1e-4, 0.0)
-    assert not passes(1.0, MAX_MIOU_DROP_POINTS + 1e-3)
-    assert not passes(1.0, None)
+def rule(agreement: float, worst_image: float, drop: float | None) -> bool:
+    return passes({"agreement": agreement, "worst_image_agreement": worst_image, "miou_drop_points": drop})
+
+
+def test_the_rule_needs_agreement_overall_and_on_every_image_and_a_small_miou_drop():
+    assert rule(MIN_AGREEMENT, MIN_IMAGE_AGREEMENT, MAX_MIOU_DROP_POINTS)
+    assert rule(1.0, 1.0, -0.5)  # the reduced precision scoring higher is no reason to refuse it
+    assert not rule(MIN_AGREEMENT - 1e-4, 1.0, 0.0)
+    assert not rule(1.0, MIN_IMAGE_AGREEMENT - 1e-4, 0.0)  # one photo a user would see changed
+    assert not rule(1.0, 1.0, MAX_MIOU_DROP_POINTS + 1e-3)
+    assert not rule(1.0, 1.0, None)
+    # A verdict measured before the per-image floor has no figure for it: refused, not assumed.
+    assert not passes({"agreement": 1.0, "miou_drop_points": 0.0})
 
 
 def test_compare_precisions_counts_agreeing_pixels_and_both_mious():
     mask = np.array([[1, 1], [2, 255]], dtype=np.uint8)  # 255: ignored by mIoU, counted for agreement
     exact = np.array([[1, 1], [2, 0]], dtype=np.uint8)
     one_off = np.array([[1, 2], [2, 0]], dtype=np.uint8)
-    figures = compare_precisions(lambda image: exact, lambda image: one_off,
-                                 [(np.zeros((2, 2, 3), np.uint8), mask)] * 3, num_classes=3)
+    margin = np.array([[0.9, 0.05], [0.5, 0.5]], dtype=np.float32)  # the changed pixel was a near-tie
+    samples = [(np.zeros((2, 2, 3), np.uint8), mask)] * 2 + [(np.zeros((2, 2, 3), np.uint8), exact)]
+    maps = iter([one_off, one_off, exact])
+    figures = compare_precisions(lambda image: (exact, margin), lambda image: next(maps), samples, num_classes=3)
     assert figures["images"] == 3 and figures["pixels"] == 12
+    assert figures["agreement"] == pytest.approx(10 / 12)
+    assert figures["worst_image_agreement"] == pytest.approx(3 / 4) and figures["worst_image"] == 0
+    assert figures["images_below_floor"] == 2
+    assert figures["disagreements"] == {"pixels": 2, "near_tie_share": 1.0, "median_fp32_margin": pytest.approx(0.05),
+                                        "near_tie": 0.1}
+    # fp32 is right everywhere; the other loses class 1 to 4/6 (two misses) and class 2 to 3/5 (two false hits).
+    assert figures["worst_class"] == {"class_id": 2, "iou_fp32": pytest.approx(1.0), "iou_reduced": pytest.approx(0.6),
+                                      "change_points": pytest.approx(-40.0)}
+
+
+def test_compare_precisions_scores_both_mious():
+    mask = np.array([[1, 1], [2, 255]], dtype=np.uint8)  # 255: ignored by mIoU, counted for agreement
+    exact = np.array([[1, 1], [2, 0]], dtype=np.uint8)
+    one_off = np.array([[1, 2], [2, 0]], dtype=np.uint8)
+    margin = np.ones((2, 2), np.float32)
+    figures = compare_precisions(lambda image: (exact, margin), lambda image: one_off,
+                                 [(np.zeros((2, 2, 3), np.uint8), mask)] * 3, num_classes=3)
     assert figures["agreement"] == pytest.approx(9 / 12)
     assert figures["miou_fp32"] == pytest.approx(1.0)
     # bf16: class 1 IoU 1/2 (1 hit, 1 missed), class 2 IoU 1/2 (1 hit, 1 false positive).
@@ -97,8 +124,8 @@ def test_the_command_records_a_passing_verdict_that_makes_auto_serve_bf16(tmp_pa
 
 def test_a_failing_verdict_keeps_auto_on_fp32(tmp_path, native_bf16):
     checkpoint = make_checkpoint(tmp_path / "model.pth")
-    record = write_guard(checkpoint, {"agreement": 0.99, "miou_fp32": 0.5, "miou_bf16": 0.5,
-                                      "miou_drop_points": 0.0, "images": 1, "pixels": 100})
+    record = write_guard(checkpoint, {"agreement": 0.98, "worst_image_agreement": 0.98, "miou_fp32": 0.5,
+                                      "miou_bf16": 0.5, "miou_drop_points": 0.0, "images": 1, "pixels": 100})
     assert record["ok"] is False
     assert not precision_allowed(checkpoint)
     assert Predictor.from_checkpoint(checkpoint, device="cpu").precision == "fp32"
@@ -144,7 +171,8 @@ def test_bf16_class_maps_match_fp32_where_the_network_is_decisive(tmp_path, nati
     np.testing.assert_array_equal(maps[0].class_map, maps[1].class_map)
 
 
-FIGURES = {"agreement": 1.0, "miou_fp32": 0.5, "miou_drop_points": 0.0, "images": 1, "pixels": 100}
+FIGURES = {"agreement": 1.0, "worst_image_agreement": 1.0, "miou_fp32": 0.5, "miou_drop_points": 0.0, "images": 1,
+           "pixels": 100}
 
 
 def test_each_device_and_dtype_has_its_own_verdict(tmp_path):

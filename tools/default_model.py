@@ -6,7 +6,10 @@ converter and train.py, evaluated on coco-tiny's val split.
 Steps: convert every source with cocomask_to_numpy, link images and masks into one train and
 one val folder (an image is in one split only), train,
 evaluate with test.py, and export the best checkpoint to save/default/model.pth (fp16 storage)
-with save/default/model.json (its metrics, settings and sha256).  Runs on a GPU unchanged.
+with save/default/model.json (its metrics, settings and sha256), then quantize it for OpenVINO
+(tools/quantize.py: calibrated on training images, judged on the val split; the INT8 IR ships
+beside the model only if its guard passed).  ``--int8-only`` redoes just that last step for the
+shipped model.  Runs on a GPU unchanged (the INT8 step needs OpenVINO and NNCF, on the CPU).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
+from tools import quantize as quantize_tool  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.data.coco_convert import convert  # noqa: E402
 from utils.fileio import atomic_path, file_sha256, load_rgb, write_text  # noqa: E402
@@ -160,6 +164,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="the exported model (default: save/default/model.pth for the default setting, "
                              "else <save-dir>/model.pth)")
+    parser.add_argument("--int8-only", action="store_true",
+                        help="only quantize the exported model and judge the INT8 IR (minutes, not an hour)")
     args = parser.parse_args()
     if not args.shared.is_dir():
         print(f"error: {args.shared} not found: the recipe trains on ../shared/data", file=sys.stderr)
@@ -169,7 +175,10 @@ def main() -> int:
     print(f"data: {train_count} training and {val_count} validation images in {args.work}")
     save_dir = args.save_dir or ROOT / "save" / f"recipe-{args.setting}"
     out = args.out or (ROOT / "save" / "default" / "model.pth" if args.setting == "default" else save_dir / "model.pth")
-    common = ["--data-dir", str(args.work), "--mask-dir", str(args.work / "masks"), "--save-dir", str(save_dir)]
+    data = ["--data-dir", str(args.work), "--mask-dir", str(args.work / "masks")]
+    if args.int8_only:
+        return quantize(out, data)
+    common = [*data, "--save-dir", str(save_dir)]
     settings = train_arguments(args.setting, args.weights)
     if train.main(common + settings + ["--train-split", "train", "--val-split", "val"]) != 0:
         return 2
@@ -180,7 +189,12 @@ def main() -> int:
     digest = export(best, out, report, args.setting, time.time() - started, (train_count, val_count))
     write_reference(out, args.shared)
     print(f"exported {out} ({out.stat().st_size / 1e6:.1f} MB, sha256 {digest}); {headline(report)}")
-    return 0
+    return quantize(out, data)
+
+
+def quantize(checkpoint: Path, data: list[str]) -> int:
+    """tools/quantize.py on the exported model: its INT8 IR and guard verdict beside it."""
+    return quantize_tool.main(["--checkpoint", str(checkpoint), *data, "--train-split", "train", "--val-split", "val"])
 
 
 GOOD_IOU = 0.3  # the model card counts the classes a model gets at least this right

@@ -1,5 +1,6 @@
 """OpenVINO behind the Predictor: the checkpoint's network converted once to OpenVINO IR, cached
-beside the checkpoint, and compiled in each process for its own CPU threads, in f32.
+beside the checkpoint, and compiled in each process for its own CPU threads, in f32 unless a
+guarded reduced precision was chosen (choose_openvino_precision).
 
 The cache is ``<checkpoint>.openvino/<sha256>-<OpenVINO version>-nhwc.{xml,bin,json}``: the
 checkpoint's sha256, the runtime's full version and the output layout name it, so a checkpoint
@@ -8,6 +9,11 @@ replaced at the same path, or another OpenVINO, never finds an IR that is not it
 does not match its record (half written, two workers writing at once, a flipped bit) is rebuilt
 with a log line, never served.  Where the folder cannot be written (a read-only image), the
 converted model is used from memory, with a log line.
+
+The INT8 IR (tools/quantize.py) is ``<checkpoint>.int8.{xml,bin}``: made once, by a measurement
+that takes minutes, and shipped beside the default model, so it is not a cache.  Its guard
+verdict (``openvino/int8`` in ``<checkpoint>.guard.json``) names the checkpoint's sha256 and the
+xml's and bin's: INT8 runs only when all three match and the verdict passes.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ from torch import nn
 from model.export_onnx import LogitsOnly, trace_size
 from utils.errors import UserError
 from utils.fileio import file_sha256, write_text
+from utils.inference.precision_guard import precision_allowed, read_guard
+from utils.precision import cpu_supports_bf16
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +51,16 @@ STATIC_SIZES_KEPT = 4
 STAGING_MAX_AGE_S = 600  # a staging folder this old belongs to a writer that died
 
 
+GUARD_DEVICE = "openvino"  # the verdicts for OpenVINO's reduced precisions: openvino/int8, openvino/bf16
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the quantized layers are int8 by the IR
+
+
 class OpenVINOMissing(UserError, ImportError):
     """OpenVINO is not installed."""
+
+
+class PrecisionRefused(UserError, ValueError):
+    """A reduced precision was asked for that no passing accuracy guard allows."""
 
 
 def openvino():  # -> the openvino module
@@ -99,22 +115,27 @@ def read_cached(paths: dict[str, Path], sha256: str):  # -> openvino.Model | Non
         return None
 
 
-def write_cache(ov_model, paths: dict[str, Path], sha256: str) -> None:
-    """Save the IR next to the checkpoint: xml and bin first, under temporary names, then the
-    record naming their sha256; files of other checkpoints and dead writers' staging go."""
-    ov = openvino()
-    folder = paths["xml"].parent
-    folder.mkdir(exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
+def save_ir(ov_model, xml: Path) -> dict[str, str]:
+    """Write ``xml`` and its ``.bin`` through a staging folder beside them (bin, then xml, each by
+    rename); returns their sha256 as ``{"xml_sha256": ..., "bin_sha256": ...}``."""
+    staging = Path(tempfile.mkdtemp(dir=xml.parent, prefix=".staging-"))
     try:
-        # f32 as converted: save_model would otherwise compress the weights to f16.
-        ov.save_model(ov_model, str(staging / "model.xml"), compress_to_fp16=False)
-        record = {"checkpoint_sha256": sha256, "openvino": ov.get_version(),
-                  "xml_sha256": file_sha256(staging / "model.xml"), "bin_sha256": file_sha256(staging / "model.bin")}
-        os.replace(staging / "model.bin", paths["bin"])
-        os.replace(staging / "model.xml", paths["xml"])
+        # The weights as they are: save_model would otherwise compress f32 weights to f16.
+        openvino().save_model(ov_model, str(staging / "model.xml"), compress_to_fp16=False)
+        digests = {f"{suffix}_sha256": file_sha256(staging / f"model.{suffix}") for suffix in ("xml", "bin")}
+        os.replace(staging / "model.bin", xml.with_suffix(".bin"))
+        os.replace(staging / "model.xml", xml)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return digests
+
+
+def write_cache(ov_model, paths: dict[str, Path], sha256: str) -> None:
+    """Save the IR next to the checkpoint, then the record naming its sha256; files of other
+    checkpoints and dead writers' staging go."""
+    folder = paths["xml"].parent
+    folder.mkdir(exist_ok=True)
+    record = {"checkpoint_sha256": sha256, "openvino": openvino().get_version(), **save_ir(ov_model, paths["xml"])}
     write_text(paths["json"], json.dumps(record))
     remove_others(folder, paths["xml"].stem)
 
@@ -148,16 +169,67 @@ def ir_for(checkpoint: str | os.PathLike, model: nn.Module):  # -> openvino.Mode
     return converted
 
 
-def openvino_forward(checkpoint: str | os.PathLike, model: nn.Module,
-                     threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """1 x 3 x h x w input -> 1 x C x h x w logits through OpenVINO on the CPU, in f32 (said
-    explicitly: on CPUs with AMX, OpenVINO would otherwise choose bf16), on ``threads`` threads
-    (default: torch's count in this process, set after gunicorn's fork).  A size runs on the
-    dynamic-shape graph until it comes back, then on a graph compiled for it (STATIC_SIZES_KEPT)."""
+def int8_xml(checkpoint: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(checkpoint)}.int8.xml")
+
+
+def int8_ir(checkpoint: str | os.PathLike):  # -> openvino.Model | None
+    """The INT8 IR beside ``checkpoint`` when its passing guard verdict names this checkpoint and
+    these very files; else None (with a log line when files exist that cannot be trusted)."""
+    xml = int8_xml(checkpoint)
+    if not xml.exists():
+        return None
+    verdict = read_guard(checkpoint, GUARD_DEVICE, "int8")
+    if verdict is None or not precision_allowed(checkpoint, GUARD_DEVICE, "int8"):
+        return None
+    for path, key in ((xml, "xml_sha256"), (xml.with_suffix(".bin"), "bin_sha256")):
+        if not path.exists() or file_sha256(path) != verdict.get(key):
+            log.warning("%s is not the INT8 IR its guard verdict judged: running fp32", path.name)
+            return None
+    try:
+        return openvino().Core().read_model(str(xml), str(xml.with_suffix(".bin")))
+    except RuntimeError as error:
+        log.warning("the INT8 IR %s does not load (%s): running fp32", xml.name, str(error).splitlines()[0])
+        return None
+
+
+def openvino_model(checkpoint: str | os.PathLike, model: nn.Module, requested: str):  # -> (ov.Model, str)
+    """The IR to run for ``requested`` (auto, fp32, bf16, int8) and its precision: "auto" takes the
+    fastest whose guard verdict for OpenVINO passed (int8, then bf16 where the CPU has it
+    natively), else fp32; "int8" without a passing verdict is refused."""
+    if requested == "fp16":
+        raise ValueError("fp16 runs on CUDA only; on the CPU use int8, bf16 or fp32")
+    if requested in ("auto", "int8"):
+        quantized = int8_ir(checkpoint)
+        if quantized is not None:
+            return quantized, "int8"
+        if requested == "int8":
+            raise PrecisionRefused(f"int8: {Path(checkpoint).name} has no INT8 IR with a passing guard verdict "
+                                   "(tools/quantize.py makes and judges one)")
+    return ir_for(checkpoint, model), bf16_or_fp32(checkpoint, requested)
+
+
+def bf16_or_fp32(checkpoint: str | os.PathLike, requested: str) -> str:
+    """bf16 where the CPU has it natively and it was asked for, or "auto" and its verdict passed."""
+    native = cpu_supports_bf16()
+    if requested == "bf16" and not native:
+        log.warning("bf16 requested, but this CPU has no native bf16: running fp32")
+    if native and (requested == "bf16" or requested == "auto" and precision_allowed(checkpoint, GUARD_DEVICE, "bf16")):
+        return "bf16"
+    return "fp32"
+
+
+def openvino_forward(ir, threads: int | None = None,
+                     precision: str = "fp32") -> Callable[[torch.Tensor], torch.Tensor]:
+    """1 x 3 x h x w input -> 1 x C x h x w logits of the ov.Model ``ir`` on the CPU, with the
+    precision hint of ``precision`` said explicitly (on CPUs with AMX, OpenVINO would otherwise
+    choose bf16), on ``threads`` threads (default: torch's count in this process, set after
+    gunicorn's fork).  A size runs on the dynamic-shape graph until it comes back, then on a
+    graph compiled for it (STATIC_SIZES_KEPT)."""
     ov = openvino()
-    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+    config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
-    core, ir = ov.Core(), ir_for(checkpoint, model)
+    core = ov.Core()
     dynamic = core.compile_model(ir, "CPU", config).create_infer_request()
     static: OrderedDict[tuple[int, int], object] = OrderedDict()
     seen: Counter[tuple[int, int]] = Counter()

@@ -9,8 +9,9 @@ in fp32, or under bf16 autocast (CPUs with native bf16) / fp16 autocast (CUDA) w
 (``<checkpoint>.guard.json``, written by tools/guard_precision.py), or when ``precision="bf16"``
 or ``"fp16"`` (CUDA) asks for it.  ``compiled=True``
 adds torch.compile, compiled during loading; ``backend="onnxruntime"`` runs the exported ONNX
-graph instead (CPU, fp32), ``backend="openvino"`` the checkpoint's cached OpenVINO IR (CPU, fp32;
-utils/inference/openvino_runtime.py).  bench/infer.py times each of these.
+graph instead (CPU, fp32), ``backend="openvino"`` the checkpoint's cached OpenVINO IR (CPU: fp32,
+or int8 / bf16 where their guard verdicts passed; utils/inference/openvino_runtime.py).
+bench/infer.py times each of these.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from model.export_onnx import export_onnx, onnxruntime_session, run_session
 from utils.checkpoint import load_checkpoint
 from utils.data.transforms import SIZE_MULTIPLE, normalise, padded_size, to_unit_range
 from utils.fileio import to_rgb
-from utils.inference.openvino_runtime import openvino_forward
+from utils.inference.openvino_runtime import openvino_forward, openvino_model
 from utils.inference.precision_guard import precision_allowed
 from utils.precision import cpu_supports_bf16
 
@@ -40,9 +41,9 @@ log = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnxruntime", "openvino")
 SERVING_BACKENDS = ("auto", *BACKENDS)  # auto: Predictor.on_the_fastest
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# What the Predictor and the service run in; "auto" is the guarded choice of choose_precision (not
-# training autocast's "auto"), fp16 runs on CUDA only.
-SERVING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# What the Predictor and the service run in; "auto" is the guarded choice of choose_precision and
+# openvino_model (not training autocast's "auto"); fp16 runs on CUDA only, int8 on OpenVINO only.
+SERVING_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 PIXELS_PER_CHUNK = 4096  # softmax rows per step: 91 classes x 4096 x 4 bytes = 1.5 MB, about one core's L2
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # 1 x 3 x h x w input -> 1 x C x h x w logits
@@ -65,6 +66,8 @@ def choose_precision(requested: str, device: torch.device, guard_passed: Callabl
     """
     if requested == "fp32":
         return "fp32"
+    if requested == "int8":
+        raise ValueError("int8 runs on OpenVINO only (backend auto or openvino, on the CPU)")
     if requested == "fp16":
         if device.type != "cuda":
             raise ValueError("fp16 runs on CUDA only; on the CPU use bf16 or fp32")
@@ -188,9 +191,10 @@ class Predictor:
         """Load ``path`` and run one warm-up prediction, so the first real request is not the slow one.
 
         ``precision``: "auto" (bf16/fp16 where the hardware has it and the checkpoint's precision
-        guard passed for it, else fp32), "fp32", "bf16" or "fp16" (CUDA only).  ``compiled``:
+        guard passed for it, else fp32), "fp32", "bf16", "fp16" (CUDA only) or "int8" (OpenVINO only,
+        with a passing verdict).  ``compiled``:
         torch.compile the network (its cost is paid here, in the warm-up).  ``backend``: "auto"
-        (on_the_fastest), "torch", "onnxruntime" or "openvino" (CPU, fp32).
+        (on_the_fastest), "torch", "onnxruntime" (CPU, fp32) or "openvino" (CPU).
         """
         if precision not in SERVING_PRECISIONS:
             raise ValueError(f"precision must be one of {SERVING_PRECISIONS}, not {precision!r}")
@@ -224,13 +228,15 @@ class Predictor:
     @classmethod
     def on_the_fastest(cls, path: str | os.PathLike, model: nn.Module, meta: dict, device: torch.device,
                        precision: str, threads: int | None, compiled: bool) -> Predictor:
-        """OpenVINO where the network would run on the CPU in fp32 anyway (it gives torch fp32's
-        class maps, faster); torch on a GPU, for torch.compile, for a guarded reduced precision, and
-        where OpenVINO is missing or cannot convert the network (with a log line)."""
-        runs_fp32 = choose_precision(precision, device, guard_of(path, device)) == "fp32"
-        if device.type == "cpu" and not compiled and runs_fp32:
+        """The fastest guarded way: on the CPU, OpenVINO in int8 or bf16 where their verdicts
+        passed, else torch in a guarded bf16, else OpenVINO fp32 (torch fp32's class maps, faster);
+        torch on a GPU, for torch.compile, and where OpenVINO is missing or cannot convert the
+        network (with a log line)."""
+        if device.type == "cpu" and not compiled:
             try:
-                return cls.on_openvino(path, model, meta, device, "fp32", threads)
+                ir, chosen = openvino_model(path, model, precision)
+                if chosen != "fp32" or choose_precision(precision, device, guard_of(path, device)) == "fp32":
+                    return cls(model, meta, device, chosen, openvino_forward(ir, threads, chosen), "openvino")
             except (ImportError, RuntimeError) as error:  # RuntimeError: OpenVINO's conversion failures
                 log.warning("the network runs on torch: %s", str(error).splitlines()[0])
         return cls.on_torch(path, model, meta, device, precision, compiled)
@@ -245,10 +251,10 @@ class Predictor:
     @classmethod
     def on_openvino(cls, path: str | os.PathLike, model: nn.Module, meta: dict, device: torch.device,
                     precision: str, threads: int | None) -> Predictor:
-        # Reduced precisions on OpenVINO wait for an accuracy guard of their own: f32 until then.
-        if device.type != "cpu" or precision not in ("auto", "fp32"):
-            raise ValueError("the openvino backend runs on the CPU in fp32 only")
-        return cls(model, meta, device, "fp32", openvino_forward(path, model, threads), "openvino")
+        if device.type != "cpu":
+            raise ValueError("the openvino backend runs on the CPU")
+        ir, chosen = openvino_model(path, model, precision)
+        return cls(model, meta, device, chosen, openvino_forward(ir, threads, chosen), "openvino")
 
     def warm_up(self) -> None:
         """One prediction on a blank landscape photo of the network's size (compiles, if compiled)."""
@@ -278,6 +284,16 @@ class Predictor:
         class_map, confidence = to_original_size(class_ids, confidence, info, self.num_classes)
         return Prediction(class_map=class_map, confidence=confidence,
                           inference_ms=(time.perf_counter() - started) * 1000)
+
+    @torch.inference_mode()
+    def class_map_and_margin(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """predict()'s class map, with each pixel's softmax margin of the top class over the runner-up:
+        how near a tie the pixel was (what the precision guard reads changed pixels by)."""
+        batch, info = self.preprocess(image)
+        logits = self.forward(batch)[0]
+        class_ids, _ = top_class_and_confidence(logits)
+        top2 = torch.softmax(logits.float(), dim=0).topk(2, dim=0).values
+        return to_original_size(class_ids, top2[0] - top2[1], info, self.num_classes)
 
 
 def to_original_size(class_ids: torch.Tensor, confidence: torch.Tensor, info: PreprocessInfo,
