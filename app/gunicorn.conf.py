@@ -4,7 +4,7 @@ Each worker builds its own app and loads the model after the fork (post_worker_i
 the parent never touches torch or CUDA.  Tune with the environment:
 SEG_BIND (127.0.0.1:8000: this machine only), SEG_WORKERS (2), SEG_THREADS_PER_WORKER (2 request threads),
 SEG_THREADS (torch threads per worker; default: every core),
-SEG_PRECISION (auto | fp32 | bf16), SEG_COMPILE (1: torch.compile at worker start),
+SEG_PRECISION (auto | fp32 | bf16 | int8), SEG_COMPILE (1: torch.compile at worker start),
 SEG_DEVICE (cpu | cuda | cuda:i; default: worker i on GPU i mod n, see post_fork).
 The defaults are the best setting measured by bench/serve.py (see bench/README.md).
 """

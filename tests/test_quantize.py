@@ -133,3 +133,15 @@ def test_the_verdict_records_the_files_it_judged(quantized):
     verdict = json.loads(guard_path(quantized).read_text())["verdicts"]["openvino/int8"]
     for suffix in ("xml", "bin"):
         assert verdict[f"{suffix}_sha256"] == file_sha256(int8_xml(quantized).with_suffix(f".{suffix}"))
+
+
+def test_the_service_serves_the_guarded_int8_ir_and_says_so(quantized, tmp_path):
+    from app import create_app
+    from tests.test_app import encoded, photo, post_file
+
+    client = create_app({"CHECKPOINT": str(quantized), "RESULTS_DIR": str(tmp_path / "results"), "TESTING": True,
+                         "BACKEND": "auto"}).test_client()
+    described = client.get("/api/model").get_json()
+    assert (described["backend"], described["precision"]) == ("openvino", "int8")
+    answer = post_file(client, encoded(photo()))
+    assert answer.status_code == 200 and answer.get_json()["classes"]
