@@ -6,7 +6,8 @@ agreement of each with torch fp32 on real photos.
 
 Rows: torch fp32 (channels_last: the service's torch path), torch bf16 (only where the CPU has
 native bf16), onnxruntime fp32, OpenVINO fp32, OpenVINO bf16 (native only) and OpenVINO INT8
-(only with an INT8 IR whose guard verdict passed: tools/quantize.py).  A row that cannot run
+(an INT8 IR whose guard verdict passed, from tools/quantize.py; or one it refused and kept with
+--keep-refused, timed here but never served: the row says "refused").  A row that cannot run
 here says why.  The photos are the first --photos of ../shared/data/coco-tiny/val2017 (a
 synthetic photo when ../shared is absent); the forward and predict times are medians on a
 640x480 photo, the rows taking turns so that drift hits them alike.
@@ -25,6 +26,7 @@ from PIL import Image
 
 from app.uploads import decode_image
 from utils.errors import UserError
+from utils.inference.openvino_runtime import int8_xml, openvino, openvino_forward
 from utils.inference.predictor import Predictor
 from utils.precision import cpu_supports_bf16
 
@@ -44,6 +46,18 @@ def rows() -> list[tuple[str, dict, str | None]]:
             ("openvino fp32", {"backend": "openvino", "precision": "fp32"}, openvino),
             ("openvino bf16", {"backend": "openvino", "precision": "bf16"}, openvino or native),
             ("openvino int8", {"backend": "openvino", "precision": "int8"}, openvino)]
+
+
+def refused_int8(checkpoint: str, threads: int) -> Predictor | None:
+    """A predictor on the INT8 IR that tools/quantize.py --keep-refused left, for timing only."""
+    xml = int8_xml(checkpoint)
+    if not xml.exists():
+        return None
+    fp32 = Predictor.from_checkpoint(checkpoint, device="cpu", threads=threads, precision="fp32", backend="openvino")
+    ir = openvino().Core().read_model(str(xml))
+    refused = Predictor(fp32.model, fp32.meta, fp32.device, "int8", openvino_forward(ir, threads, "int8"), "openvino")
+    refused.warm_up()
+    return refused
 
 
 def photos(count: int) -> list[Image.Image]:
@@ -73,7 +87,11 @@ def main() -> None:
         try:
             loaded[name] = Predictor.from_checkpoint(args.checkpoint, device="cpu", threads=args.threads, **options)
         except UserError as error:
-            print(f"{name}: skipped ({error})")
+            refused = refused_int8(args.checkpoint, args.threads) if name == "openvino int8" else None
+            if refused is None:
+                print(f"{name}: skipped ({error})")
+            else:
+                loaded[f"{name} (refused)"] = refused
     batches = {name: predictor.preprocess(decode_image(jpeg, MAX_PIXELS))[0] for name, predictor in loaded.items()}
     forward = {name: [] for name in loaded}
     predict = {name: [] for name in loaded}
@@ -87,12 +105,12 @@ def main() -> None:
     base_forward, base_predict = np.median(forward["torch fp32"]), np.median(predict["torch fp32"])
     print(f"\n{Path(args.checkpoint).name}, 640x480 photo, {args.threads} threads, medians of {args.repeat}; "
           f"agreement with torch fp32 on {len(images)} photos")
-    print(f"{'row':<18}{'forward ms':>11}{'x':>6}{'predict ms':>12}{'x':>6}{'agreement':>11}{'worst photo':>13}")
+    print(f"{'row':<24}{'forward ms':>11}{'x':>6}{'predict ms':>12}{'x':>6}{'agreement':>11}{'worst photo':>13}")
     for name, predictor in loaded.items():
         agreements = [float((predictor.predict(image).class_map == ref).mean()) for image, ref in zip(images, reference,
                                                                                                     strict=True)]
         f, p = np.median(forward[name]), np.median(predict[name])
-        print(f"{name:<18}{f:>11.0f}{base_forward / f:>5.2f}x{p:>12.0f}{base_predict / p:>5.2f}x"
+        print(f"{name:<24}{f:>11.0f}{base_forward / f:>5.2f}x{p:>12.0f}{base_predict / p:>5.2f}x"
               f"{np.mean(agreements):>11.4%}{min(agreements):>13.4%}")
 
 

@@ -72,6 +72,10 @@ def test_int8_on_a_network_of_near_ties_changes_classes_and_is_refused(tmp_path,
     assert "refused, fp32 serves" in out and "no INT8 IR (removed)" in out
     assert not int8_xml(checkpoint).exists() and not int8_xml(checkpoint).with_suffix(".bin").exists()
     assert Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto").precision == "fp32"
+    # Kept for a benchmark, the refused IR is still never served.
+    assert quantize(checkpoint, coco, "--keep-refused") == 0
+    assert int8_xml(checkpoint).exists() and not read_guard(checkpoint, "openvino", "int8")["ok"]
+    assert Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto").precision == "fp32"
 
 
 def test_int8_without_a_passing_verdict_is_refused(tmp_path, quantized):

@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="training images NNCF calibrates on (default: %(default)s)")
     parser.add_argument("--limit", type=positive_int, default=None, help="judge on the first N validation images only")
     parser.add_argument("--threads", type=positive_int, default=None, help="OpenVINO threads (default: all cores)")
+    parser.add_argument("--keep-refused", action="store_true",
+                        help="keep an IR that fails the guard, for bench/backends.py (it is never served)")
     return parser.parse_args(argv)
 
 
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace, class_names: list[str]) -> dict:
         raise QuantizeError(f"the checkpoint has {len(class_names)} classes but the dataset {val.num_classes}")
     calibration = (image for image, _ in first(train, args.calibration_images))
     recipe = dataclasses.replace(DEFAULT_RECIPE, calibration_images=args.calibration_images)
-    return quantize_checkpoint(args.checkpoint, calibration, first(val, args.limit), recipe, args.threads)
+    return quantize_checkpoint(args.checkpoint, calibration, first(val, args.limit), recipe, args.threads,
+                               args.keep_refused)
 
 
 @user_errors_exit
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     class_names = load_checkpoint(args.checkpoint)["meta"]["class_names"]
     verdict = run(args, class_names)
     print(describe(verdict, verdict_key(GUARD_DEVICE, "int8"), "int8", class_names))
-    kept = f"{int8_xml(args.checkpoint)} and its .bin" if verdict["ok"] else "no INT8 IR (removed)"
+    kept = f"{int8_xml(args.checkpoint)} and its .bin" if int8_xml(args.checkpoint).exists() else \
+        "no INT8 IR (removed)"
     print(f"written: {guard_path(args.checkpoint)}; {kept}")
     return 0
 

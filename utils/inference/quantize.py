@@ -6,7 +6,7 @@ images.  The verdict compares OpenVINO fp32 with INT8, both through ``Predictor.
 validation images, by the one rule of utils/inference/precision_guard.py, and is recorded as
 ``openvino/int8`` in ``<checkpoint>.guard.json`` with the sha256 of the INT8 xml and bin
 (``<checkpoint>.int8.{xml,bin}``, utils/inference/openvino_runtime.py).  An IR that fails is
-removed: only the verdict, with its figures, stays.
+removed (unless kept for benchmarks): only the verdict, with its figures, stays.
 """
 from __future__ import annotations
 
@@ -64,9 +64,10 @@ def quantize_ir(ir, inputs: Sequence[np.ndarray], recipe: Recipe):  # -> openvin
 
 def quantize_checkpoint(checkpoint: str | os.PathLike, calibration: Iterable[np.ndarray],
                         validation: Iterable[tuple[np.ndarray, np.ndarray]], recipe: Recipe = DEFAULT_RECIPE,
-                        threads: int | None = None) -> dict:
+                        threads: int | None = None, keep_refused: bool = False) -> dict:
     """Write the INT8 IR beside ``checkpoint``, judge it against OpenVINO fp32 on ``validation``
-    ((image, mask) pairs) and record the verdict; returns it.  A failing IR is removed."""
+    ((image, mask) pairs) and record the verdict; returns it.  A failing IR is removed unless
+    ``keep_refused`` (for benchmarks: its failed verdict keeps it from ever being served)."""
     fp32 = Predictor.from_checkpoint(checkpoint, device="cpu", threads=threads, precision="fp32", backend="openvino")
     ir = ir_for(checkpoint, fp32.model)
     quantized = quantize_ir(ir, network_inputs(fp32, calibration), recipe)
@@ -78,7 +79,7 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, calibration: Iterable[np.
                                  validation, fp32.num_classes, "int8")
     verdict = write_guard(checkpoint, dict(figures, **digests, calibration_images=recipe.calibration_images,
                                            float_layers=list(recipe.float_layers)), GUARD_DEVICE, "int8")
-    if not verdict["ok"]:
+    if not verdict["ok"] and not keep_refused:
         for path in (xml, xml.with_suffix(".bin")):
             Path(path).unlink(missing_ok=True)
     return verdict
