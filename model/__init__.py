@@ -66,12 +66,26 @@ def never_predict(model: nn.Module, class_ids: Sequence[int]) -> None:
         return
     ids = torch.tensor(list(class_ids))
 
-    def fill(module: nn.Module, inputs: tuple, outputs: torch.Tensor | dict[str, torch.Tensor]) -> None:
+    def fill(module: nn.Module, inputs: tuple, outputs: torch.Tensor | dict[str, torch.Tensor]):
+        if torch.compiler.is_exporting():
+            # torch.export turns the in-place fill into a scatter through transposed copies of all
+            # the logits (2.1 s of ONNX Runtime's 3.0 s on the default model); a select is one pass.
+            return select_never(outputs, ids)
         # In place: 10 of 91 channels written, where a masked copy would copy all the logits.
         for logits in outputs.values() if isinstance(outputs, dict) else (outputs,):
             logits.index_fill_(1, ids.to(logits.device), NEVER_LOGIT)
+        return None
 
     model.register_forward_hook(fill)
+
+
+def select_never(outputs: torch.Tensor | dict[str, torch.Tensor], ids: torch.Tensor):
+    """``outputs`` with the logits of ``ids`` replaced by NEVER_LOGIT, as new tensors."""
+    def masked(logits: torch.Tensor) -> torch.Tensor:
+        never = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        never[ids.to(logits.device)] = True
+        return torch.where(never.view(1, -1, 1, 1), torch.tensor(NEVER_LOGIT, dtype=logits.dtype), logits)
+    return {k: masked(v) for k, v in outputs.items()} if isinstance(outputs, dict) else masked(outputs)
 
 
 def main_logits(outputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
