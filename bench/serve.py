@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--duration", type=float, default=30, help="seconds of load per setting")
     parser.add_argument("--warmup", type=float, default=5, help="seconds of unrecorded load first")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="SEG_PRECISION")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"), help="SEG_PRECISION")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     args = parser.parse_args()
