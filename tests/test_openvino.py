@@ -135,6 +135,18 @@ def test_openvino_runs_bf16_only_where_native_and_asked_for_or_guarded(tmp_path,
     assert (served.backend, served.precision) == ("openvino", "bf16")
 
 
+def test_each_process_compiles_for_its_threads_unpinned_in_the_precision_it_says(checkpoint, monkeypatch):
+    """Pinned, OpenVINO put gunicorn's one-thread workers on shared cores (bench/serve.py)."""
+    configs = []
+    compile_model = openvino_runtime.openvino().Core.compile_model
+    monkeypatch.setattr(openvino_runtime.openvino().Core, "compile_model",
+                        lambda self, model, device, config: configs.append(config) or compile_model(self, model, device,
+                                                                                                   config))
+    Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino", threads=1)
+    assert configs and all(config["ENABLE_CPU_PINNING"] is False and config["INFERENCE_NUM_THREADS"] == 1
+                           and config["INFERENCE_PRECISION_HINT"] == "f32" for config in configs)
+
+
 def test_the_service_runs_on_openvino_and_says_so(make_client):
     client = make_client(BACKEND="openvino")
     described = client.get("/api/model").get_json()
