@@ -36,7 +36,7 @@ from torch import nn
 from model.export_onnx import LogitsOnly, trace_size
 from utils.errors import UserError
 from utils.fileio import file_sha256, write_text
-from utils.inference.precision_guard import precision_allowed, read_guard
+from utils.inference.precision_guard import passes, precision_allowed, read_guard
 from utils.precision import cpu_supports_bf16
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def int8_ir(checkpoint: str | os.PathLike):  # -> openvino.Model | None
     if not xml.exists():
         return None
     verdict = read_guard(checkpoint, GUARD_DEVICE, "int8")
-    if verdict is None or not precision_allowed(checkpoint, GUARD_DEVICE, "int8"):
+    if verdict is None or not passes(verdict):
         return None
     for path, key in ((xml, "xml_sha256"), (xml.with_suffix(".bin"), "bin_sha256")):
         if not path.exists() or file_sha256(path) != verdict.get(key):
