@@ -84,7 +84,7 @@ def select_never(outputs: torch.Tensor | dict[str, torch.Tensor], ids: torch.Ten
     def masked(logits: torch.Tensor) -> torch.Tensor:
         never = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
         never[ids.to(logits.device)] = True
-        return torch.where(never.view(1, -1, 1, 1), torch.tensor(NEVER_LOGIT, dtype=logits.dtype), logits)
+        return torch.where(never.view(1, -1, 1, 1), NEVER_LOGIT, logits)
     return {k: masked(v) for k, v in outputs.items()} if isinstance(outputs, dict) else masked(outputs)
 
 

@@ -1,6 +1,6 @@
 """OpenVINO behind the Predictor: the checkpoint's network converted once to OpenVINO IR, cached
 beside the checkpoint, and compiled in each process for its own CPU threads, in f32 unless a
-guarded reduced precision was chosen (choose_openvino_precision).
+guarded reduced precision was chosen (openvino_model).
 
 The cache is ``<checkpoint>.openvino/<sha256>-<OpenVINO version>-nhwc.{xml,bin,json}``: the
 checkpoint's sha256, the runtime's full version and the output layout name it, so a checkpoint
