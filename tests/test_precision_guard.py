@@ -14,6 +14,7 @@ from tools import guard_precision
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.classes import COCO_CLASSES
 from utils.data.coco_convert import convert
+from utils.inference import openvino_runtime
 from utils.inference import predictor as predictor_module
 from utils.inference.precision_guard import (
     MAX_MIOU_DROP_POINTS,
@@ -120,6 +121,28 @@ def test_the_command_records_a_passing_verdict_that_makes_auto_serve_bf16(tmp_pa
     assert checkpoint.read_bytes() == untouched  # the verdict lives beside the checkpoint, not in it
     assert "bf16 allowed" in capsys.readouterr().out
     assert Predictor.from_checkpoint(checkpoint, device="cpu").precision == "bf16"
+
+
+def test_the_command_judges_openvino_bf16_into_its_own_verdict(tmp_path, coco_val, monkeypatch, capsys):
+    monkeypatch.setattr(openvino_runtime, "cpu_supports_bf16", lambda: True)  # the hint is taken on any CPU
+    checkpoint = decisive_checkpoint(tmp_path / "model.pth")
+
+    assert guard_command(checkpoint, coco_val, "--backend", "openvino", "--limit", "2") == 0
+
+    assert read_guard(checkpoint, "cpu", "bf16") is None  # torch's bf16 is not what was judged
+    record = read_guard(checkpoint, "openvino", "bf16")
+    assert record["images"] == 2 and record["ok"] is True
+    assert "bf16 allowed" in capsys.readouterr().out
+    served = Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto")
+    assert (served.backend, served.precision) == ("openvino", "bf16")
+
+
+def test_the_command_refuses_openvino_bf16_on_a_cpu_without_it(tmp_path, coco_val, monkeypatch, capsys):
+    monkeypatch.setattr(openvino_runtime, "cpu_supports_bf16", lambda: False)
+    checkpoint = decisive_checkpoint(tmp_path / "model.pth")
+    assert guard_command(checkpoint, coco_val, "--backend", "openvino", "--limit", "1") == 2
+    assert "no native bf16" in capsys.readouterr().err
+    assert not guard_path(checkpoint).exists()
 
 
 def test_a_failing_verdict_keeps_auto_on_fp32(tmp_path, native_bf16):
