@@ -34,6 +34,7 @@ from utils.data.transforms import SIZE_MULTIPLE, normalise, padded_size, to_unit
 from utils.fileio import to_rgb
 from utils.inference.openvino_runtime import openvino_forward, openvino_model
 from utils.inference.precision_guard import precision_allowed
+from utils.inference.tiling import WHOLE, Strategy, TileProbabilities, slide, tta_probabilities
 from utils.precision import cpu_supports_bf16
 
 log = logging.getLogger(__name__)
@@ -276,14 +277,45 @@ class Predictor:
         return network_input(pixels, self.meta["mean"], self.meta["std"], self.device), info
 
     @torch.inference_mode()
-    def predict(self, image: Image.Image) -> Prediction:
-        """Class ids and confidences for every pixel of ``image`` (EXIF rotation applied)."""
+    def predict(self, image: Image.Image, strategy: Strategy = WHOLE) -> Prediction:
+        """Class ids and confidences for every pixel of ``image`` (EXIF rotation applied), seen
+        as ``strategy`` says (utils/inference/tiling.py; default: whole, one forward)."""
         started = time.perf_counter()
-        batch, info = self.preprocess(image)
-        class_ids, confidence = top_class_and_confidence(self.forward(batch)[0])
+        if strategy.mode == "slide":
+            pixels, info = self.at_scale(image, strategy.scale or 1.0)
+            class_ids, confidence = slide(pixels, self.tile_probabilities(strategy.tta),
+                                          *strategy.tile_and_stride(self.input_size), self.num_classes)
+        else:
+            batch, info = self.preprocess(image)
+            if strategy.plain:
+                class_ids, confidence = top_class_and_confidence(self.forward(batch)[0])
+            else:
+                confidence, class_ids = tta_probabilities(self.forward, batch, strategy.tta, min_input_size(self.model),
+                                                          self.black())[0].max(dim=0)
         class_map, confidence = to_original_size(class_ids, confidence, info, self.num_classes)
         return Prediction(class_map=class_map, confidence=confidence,
                           inference_ms=(time.perf_counter() - started) * 1000)
+
+    def at_scale(self, image: Image.Image, scale: float) -> tuple[np.ndarray, PreprocessInfo]:
+        """The RGB pixels of ``image`` resized by ``scale`` (slide mode's working resolution)."""
+        rgb = to_rgb(image)
+        scaled = rgb if scale == 1.0 else rgb.resize(
+            (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.Resampling.BILINEAR)
+        pixels = np.asarray(scaled)
+        return pixels, PreprocessInfo(original_size=(rgb.height, rgb.width), resized_size=pixels.shape[:2])
+
+    def tile_probabilities(self, tta: str) -> TileProbabilities:
+        """A tile's pixels -> its h x w x C probabilities on the CPU, where slide mode blends them."""
+        def probabilities(tile: np.ndarray) -> torch.Tensor:
+            # A copy: the tile is a view into the read-only decoded image, which torch would warn about.
+            batch = network_input(np.array(tile), self.meta["mean"], self.meta["std"], self.device)
+            probabilities = tta_probabilities(self.forward, batch, tta, min_input_size(self.model), self.black())
+            return probabilities[0].permute(1, 2, 0).cpu()
+        return probabilities
+
+    def black(self) -> torch.Tensor:
+        """1 x 3 x 1 x 1: a black pixel normalised, what preprocess pads an image with."""
+        return network_input(np.zeros((1, 1, 3), np.uint8), self.meta["mean"], self.meta["std"], self.device)
 
     @torch.inference_mode()
     def class_map_and_margin(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
