@@ -16,6 +16,7 @@ from flask import (
     send_from_directory,
     url_for,
 )
+from PIL import Image
 from werkzeug.exceptions import HTTPException, SecurityError
 
 from app.api_options import ApiOptions, parse_api_options
@@ -25,6 +26,7 @@ from app.security import result_access_ok, token_ok, url_signature
 from app.segmenter import Segmentation, Segmenter
 from app.uploads import UploadError, decode_image, upload_bytes
 from utils.classes import palette
+from utils.inference.tiling import Strategy
 
 blueprint = Blueprint("main", __name__)
 
@@ -50,7 +52,8 @@ def segment_and_store(options: ApiOptions, keep_photo: bool = False) -> tuple[Se
     image = decode_image(upload_bytes(request), config["MAX_PIXELS"])
     files = ResultFiles(Path(config["RESULTS_DIR"]))
     ensure_room(files.folder, image.width * image.height, config["RESULTS_MIN_FREE_BYTES"])  # before the forward
-    result = segmenter().segment(image)
+    check_forwards(options.strategy, image, config["MAX_FORWARDS"])
+    result = segmenter().segment(image, options.strategy)
     with files.writing():
         files.save_jpeg("overlay", result.overlay)  # first: pruning dates a result by its overlay
         files.save_mask(result.class_map)
@@ -61,6 +64,15 @@ def segment_and_store(options: ApiOptions, keep_photo: bool = False) -> tuple[Se
     prune_results(files.folder, config["RESULTS_KEEP"], config["RESULTS_MAX_AGE_S"], config["RESULTS_MAX_BYTES"],
                   current=files.id)
     return result, files, answer
+
+
+def check_forwards(strategy: Strategy, image: Image.Image, limit: int) -> None:
+    """Slide mode and TTA multiply a request's forwards: bounded, so that one request cannot hold a
+    worker for minutes."""
+    forwards = strategy.forwards((image.height, image.width), segmenter().load().input_size)
+    if forwards > limit:
+        raise UploadError(f"mode={strategy.mode}, tta={strategy.tta} on a {image.width}x{image.height} image needs "
+                          f"{forwards} network passes; this service allows {limit} (a smaller scale, or no tta)", 413)
 
 
 def result_url(files: ResultFiles, kind: str, external: bool = True) -> str:

@@ -12,6 +12,7 @@ from PIL import Image
 from utils.drawing import render_overlay
 from utils.inference.predictor import Predictor
 from utils.inference.summary import summarize
+from utils.inference.tiling import WHOLE, Strategy
 
 
 @dataclass
@@ -53,11 +54,11 @@ class Segmenter:
                                                             backend=self.backend)
         return self._predictor
 
-    def segment(self, image: Image.Image) -> Segmentation:
+    def segment(self, image: Image.Image, strategy: Strategy = WHOLE) -> Segmentation:
         predictor = self.load()
         started = time.perf_counter()
         with self._forward_lock:
-            prediction = predictor.predict(image)
+            prediction = predictor.predict(image, strategy)
         classes = summarize(prediction, predictor.class_names)
         overlay = render_overlay(image, prediction.class_map)
         return Segmentation(classes, prediction.class_map, overlay, image.width, image.height,

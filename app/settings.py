@@ -60,6 +60,8 @@ def from_environment() -> dict:
         "TRUSTED_HOSTS": _hosts("SEG_ALLOWED_HOSTS", "localhost,127.0.0.1"),
         "MAX_CONTENT_LENGTH": _int("SEG_MAX_BYTES", 20 * 1024 * 1024),
         "MAX_PIXELS": _int("SEG_MAX_PIXELS", 40_000_000),
+        # Network passes per request (slide mode's tiles x TTA's views): 64 slide a 12 MP photo.
+        "MAX_FORWARDS": _int("SEG_MAX_FORWARDS", 64),
         "TORCH_THREADS": int(threads) if threads else None,
         "PRECISION": _choice("SEG_PRECISION", SERVING_PRECISIONS, "auto"),
         "BACKEND": _choice("SEG_BACKEND", SERVING_BACKENDS, "auto"),

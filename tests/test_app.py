@@ -27,6 +27,8 @@ from app.results import ResultFiles
 from app.uploads import decode_image
 from tests.tiny_checkpoint import CLASS_NAMES, make_checkpoint
 from utils.classes import palette
+from utils.inference.predictor import Predictor
+from utils.inference.tiling import MODES, TTA_CHOICES, Strategy
 
 
 @pytest.fixture(scope="module")
@@ -162,11 +164,41 @@ def test_min_area_ratio_leaves_out_smaller_classes_and_keeps_full_map_areas(clie
     ("min_area_ratio=", "min_area_ratio must be a number"),
     ("rle=2", "rle must be 0 or 1, not '2'"),
     ("rle=true", "rle must be 0 or 1"),
-], ids=["text", "negative", "above-1", "nan", "empty", "rle-2", "rle-true"])
+    ("mode=tiles", "mode must be one of whole, slide, not 'tiles'"),
+    ("tta=rotate", "tta must be one of none, flip, scales, flip+scales, not 'rotate'"),
+    ("mode=slide&scale=abc", "scale: must be a number, not 'abc'"),
+    ("mode=slide&scale=0", "scale: scale must be within 0.05..4"),
+    ("scale=0.5", "scale: scale: only in slide mode"),
+], ids=["text", "negative", "above-1", "nan", "empty", "rle-2", "rle-true", "mode", "tta", "scale-text", "scale-0",
+        "scale-whole"])
 def test_bad_query_values_are_400s_before_the_upload_is_read(client, tmp_path, query, message):
     response = client.post("/json?" + query, data=b"not even an image", content_type="application/octet-stream")
     assert response.status_code == 400 and message in response.get_json()["error"]
     assert not list((tmp_path / "results").iterdir())
+
+
+def test_slide_and_tta_answer_what_the_predictor_sees_that_way(client, checkpoint):
+    image = photo(150, 110)
+    expected = Predictor.from_checkpoint(checkpoint, device="cpu").predict(image, Strategy(mode="slide", tta="flip"))
+    body = segment(client, encoded(image, "PNG"), "?mode=slide&tta=flip")
+    areas = {entry["id"]: entry["area"] for entry in body["classes"]}
+    ids, counts = np.unique(expected.class_map, return_counts=True)
+    assert areas == dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    assert areas != {entry["id"]: entry["area"] for entry in segment(client, encoded(image, "PNG"))["classes"]}
+
+
+def test_a_request_needing_more_passes_than_allowed_is_a_413(make_client, tmp_path):
+    client = make_client(MAX_FORWARDS=5)
+    assert segment(client, encoded(photo(90, 70)), "?tta=flip")["classes"]  # 2 passes
+    response = post_file(client, encoded(photo(90, 70)), url="/json?tta=flip%2Bscales")  # 6
+    assert response.status_code == 413
+    assert "needs 6 network passes; this service allows 5" in response.get_json()["error"]
+
+
+def test_the_openapi_document_offers_exactly_the_strategies_the_predictor_has(client):
+    parameters = {entry["name"]: entry["schema"] for entry in
+                  client.get("/openapi.json").get_json()["paths"]["/json"]["post"]["parameters"]}
+    assert parameters["mode"]["enum"] == list(MODES) and parameters["tta"]["enum"] == list(TTA_CHOICES)
 
 
 def test_results_serve_each_kind_with_its_type(client):

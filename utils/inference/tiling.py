@@ -76,6 +76,15 @@ class Strategy:
             return tile, (min(self.stride, tile[0]), min(self.stride, tile[1]))
         return tile, tuple(max(1, side - side // 3) for side in tile)
 
+    def forwards(self, image_size: tuple[int, int], training_size: tuple[int, int]) -> int:
+        """How many network forwards an image of (height, width) costs: what a service bounds."""
+        views = (len(TTA_SCALES) if "scales" in self.tta else 1) * (2 if "flip" in self.tta else 1)
+        if self.mode == "whole":
+            return views
+        (tile_height, tile_width), (down, across) = self.tile_and_stride(training_size)
+        height, width = (max(1, round(side * (self.scale or 1.0))) for side in image_size)
+        return views * len(tile_starts(height, tile_height, down)) * len(tile_starts(width, tile_width, across))
+
 
 WHOLE = Strategy()
 
