@@ -9,6 +9,8 @@
            and with --raw out/clip_classes/000000.png, 000001.png, ...
     python predict.py --checkpoint save/best.pth --input 0 --out out --max-frames 100
         -> camera 0 into out/camera0_overlay.mp4 (300 frames unless --max-frames says otherwise)
+    python predict.py --checkpoint save/best.pth --input big.jpg --out out --mode slide [--scale 0.5] [--tta flip]
+        -> tiles of the training size over the photo at its own resolution (or half of it), flip-averaged
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import sys
 from utils.cli import positive_int, setup_logging, user_errors_exit
 from utils.inference.predict import MediaError, predict_media
 from utils.inference.predictor import BACKENDS
+from utils.inference.tiling import add_strategy_arguments
 
 
 def unit_fraction(text: str) -> float:
@@ -40,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=unit_fraction, default=0.5, help="opacity of the class colours")
     parser.add_argument("--max-frames", type=positive_int, default=None,
                         help="stop a video or camera after this many frames (camera default: 300)")
+    add_strategy_arguments(parser)
     return parser.parse_args(argv)
 
 

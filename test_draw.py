@@ -15,6 +15,7 @@ from utils.cli import positive_int, setup_logging, user_errors_exit
 from utils.data.datasets import add_dataset_arguments
 from utils.inference.predictor import BACKENDS
 from utils.inference.test_draw import compute_time, draw
+from utils.inference.tiling import add_strategy_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="what runs the network: torch, onnxruntime or openvino (CPU, fp32; default: torch)")
+    add_strategy_arguments(parser)
     args = parser.parse_args(argv)
     if args.count is None:
         args.count = 20 if args.command == "draw" else 100

@@ -16,6 +16,7 @@ from tests.tiny_checkpoint import CLASS_NAMES, make_checkpoint
 from utils.fileio import load_rgb
 from utils.inference.predict import output_stems
 from utils.inference.predictor import Predictor
+from utils.inference.tiling import strategy_from_args
 
 IMAGE_SIZES = {"a.png": (60, 40), "b.jpg": (40, 60), "c.bmp": (56, 36)}  # name -> (width, height)
 VIDEO_FRAMES, VIDEO_SIZE, VIDEO_FPS = 12, (64, 48), 10.0
@@ -94,6 +95,18 @@ def test_single_image_without_raw(checkpoint, image_folder, tmp_path):
     assert not list(out.glob("*.png"))
 
 
+@pytest.mark.parametrize("options", [["--mode", "slide", "--tile", "32"], ["--tta", "flip+scales"]])
+def test_slide_and_tta_write_what_the_predictor_sees_that_way(options, image_folder, tmp_path):
+    checkpoint, out = make_checkpoint(tmp_path / "varied.pth", varied=True), tmp_path / "out"  # classes vary
+    assert run("--checkpoint", checkpoint, "--input", image_folder / "a.png", "--out", out, "--raw", *options) == 0
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    args = predict.parse_args(["--checkpoint", "x", "--input", "x", "--out", "x", *options])
+    expected = predictor.predict(load_rgb(image_folder / "a.png"), strategy_from_args(args)).class_map
+    plain = predictor.predict(load_rgb(image_folder / "a.png")).class_map
+    written = np.asarray(Image.open(out / "a_classes.png"))
+    assert np.array_equal(written, expected) and not np.array_equal(written, plain)
+
+
 def test_video_keeps_frame_count_size_and_fps(checkpoint, tmp_path, capsys):
     video, out = write_video(tmp_path / "clip.mp4"), tmp_path / "out"
     assert run("--checkpoint", checkpoint, "--input", video, "--out", out, "--raw") == 0
@@ -138,6 +151,9 @@ BAD_INPUTS = {
     "missing checkpoint": (["--input", "{tmp}/clip.mp4", "--checkpoint", "{tmp}/no.pth"], "checkpoint not found"),
     "truncated checkpoint": (["--input", "{tmp}/clip.mp4", "--checkpoint", "{tmp}/truncated.pth"],
                              "cannot load checkpoint"),
+    "tile in whole mode": (["--input", "{tmp}/clip.mp4", "--tile", "64"], "tile: only in slide mode"),
+    "stride beyond tile": (["--input", "{tmp}/clip.mp4", "--mode", "slide", "--tile", "32", "--stride", "48"],
+                           "stride 48 > tile 32"),
 }
 
 

@@ -88,3 +88,22 @@ def plot_class_iou(ious: list[float | None], class_names: list[str], out_path: s
     axis.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     _save(figure, out_path, dpi=100)
+
+
+def plot_robustness(clean: float | None, by_corruption: dict[str, dict[int, float | None]], metric: str,
+                    out_path: str | os.PathLike) -> None:
+    """``metric`` against severity, a line per corruption, the clean score as a dashed line."""
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    for name, by_severity in by_corruption.items():
+        severities = sorted(by_severity)
+        axes.plot(severities, [np.nan if by_severity[s] is None else by_severity[s] for s in severities],
+                  marker="o", label=name)
+    if clean is not None:
+        axes.axhline(clean, color="black", linestyle="--", label="clean")
+    axes.set_xlabel("severity")
+    axes.set_ylabel(metric)
+    axes.set_xticks(range(1, 6))
+    axes.set_title(f"{metric} under corruption")
+    axes.legend(fontsize=7, ncol=2, loc="lower left")
+    axes.grid(alpha=0.3)
+    _save(figure, out_path, dpi=110, bbox_inches="tight")

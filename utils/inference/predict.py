@@ -25,6 +25,7 @@ from utils.drawing import render_overlay
 from utils.errors import UserError
 from utils.fileio import ImageReadError, atomic_path, load_rgb
 from utils.inference.predictor import Predictor
+from utils.inference.tiling import Strategy, strategy_from_args
 
 log = logging.getLogger("predict")
 
@@ -133,10 +134,10 @@ def save_class_png(class_map: np.ndarray, path: Path) -> None:
         Image.fromarray(class_map).save(tmp, format="PNG")
 
 
-def predict_image(predictor: Predictor, image: Image.Image, stem: str, out_dir: Path, alpha: float,
-                  raw: bool) -> float:
+def predict_image(predictor: Predictor, strategy: Strategy, image: Image.Image, stem: str, out_dir: Path,
+                  alpha: float, raw: bool) -> float:
     """Write ``<stem>_overlay.jpg`` (and ``<stem>_classes.png`` when ``raw``); return the inference ms."""
-    prediction = predictor.predict(image)
+    prediction = predictor.predict(image, strategy)
     with atomic_path(out_dir / f"{stem}_overlay.jpg") as tmp:
         render_overlay(image, prediction.class_map, alpha).save(tmp, format="JPEG", quality=90)
     if raw:
@@ -149,7 +150,8 @@ def report_images(latencies: list[float], skipped: int, out_dir: Path) -> None:
           f" -> {out_dir}")
 
 
-def predict_folder(predictor: Predictor, files: list[Path], out_dir: Path, alpha: float, raw: bool) -> None:
+def predict_folder(predictor: Predictor, strategy: Strategy, files: list[Path], out_dir: Path, alpha: float,
+                   raw: bool) -> None:
     """Segment every readable image among ``files``; warn about and count the others."""
     latencies, skipped = [], 0
     with logging_redirect_tqdm():  # warnings printed above the bar rather than through it
@@ -161,7 +163,7 @@ def predict_folder(predictor: Predictor, files: list[Path], out_dir: Path, alpha
                 log.warning("skipping: %s", error)
                 skipped += 1
                 continue
-            latencies.append(predict_image(predictor, image, stem, out_dir, alpha, raw))
+            latencies.append(predict_image(predictor, strategy, image, stem, out_dir, alpha, raw))
     if not latencies:
         raise MediaError(f"no readable images in {files[0].parent} ({skipped} files skipped)")
     report_images(latencies, skipped, out_dir)
@@ -210,16 +212,17 @@ def draw_fps(frame: np.ndarray, fps: float) -> None:
     cv2.putText(frame, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
 
 
-def overlay_frame(predictor: Predictor, frame: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray, float]:
+def overlay_frame(predictor: Predictor, strategy: Strategy, frame: np.ndarray,
+                  alpha: float) -> tuple[np.ndarray, np.ndarray, float]:
     """BGR frame -> (BGR overlay, class map, inference ms)."""
     image = Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-    prediction = predictor.predict(image)
+    prediction = predictor.predict(image, strategy)
     overlay = np.asarray(render_overlay(image, prediction.class_map, alpha))
     return cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR), prediction.class_map, prediction.inference_ms
 
 
-def predict_stream(predictor: Predictor, capture: cv2.VideoCapture, name: str, out_dir: Path, alpha: float,
-                   raw: bool, max_frames: int | None) -> None:
+def predict_stream(predictor: Predictor, strategy: Strategy, capture: cv2.VideoCapture, name: str, out_dir: Path,
+                   alpha: float, raw: bool, max_frames: int | None) -> None:
     """Segment every frame into ``<name>_overlay.mp4`` (same size, frame count and FPS as the input),
     with class-id PNGs in ``<name>_classes/`` when ``raw``."""
     video_path, classes_dir = out_dir / f"{name}_overlay.mp4", out_dir / f"{name}_classes"
@@ -229,7 +232,7 @@ def predict_stream(predictor: Predictor, capture: cv2.VideoCapture, name: str, o
         try:
             for index, frame in enumerate(tqdm(read_frames(capture, max_frames), total=frame_total(capture, max_frames),
                                                desc=name, unit="frame", dynamic_ncols=True)):
-                overlay, class_map, inference_ms = overlay_frame(predictor, frame, alpha)
+                overlay, class_map, inference_ms = overlay_frame(predictor, strategy, frame, alpha)
                 if raw:
                     save_class_png(class_map, classes_dir / f"{index:06d}.png")
                 draw_fps(overlay, meter.tick())
@@ -247,31 +250,33 @@ def load_predictor(args: argparse.Namespace) -> Predictor:
     return Predictor.from_checkpoint(args.checkpoint, threads=args.threads, backend=args.backend)
 
 
-def predict_capture(args: argparse.Namespace, source: str | int, name: str, max_frames: int | None) -> None:
+def predict_capture(args: argparse.Namespace, strategy: Strategy, source: str | int, name: str,
+                    max_frames: int | None) -> None:
     capture = open_capture(source)
     try:
-        predict_stream(load_predictor(args), capture, name, Path(args.out), args.alpha, args.raw, max_frames)
+        predict_stream(load_predictor(args), strategy, capture, name, Path(args.out), args.alpha, args.raw, max_frames)
     finally:
         capture.release()
 
 
 def predict_media(args: argparse.Namespace) -> None:
-    """Dispatch on ``args.input``: camera index, folder, video file or single image. Inputs are checked
-    before the checkpoint is loaded, so a typo fails fast."""
+    """Dispatch on ``args.input``: camera index, folder, video file or single image. Inputs and the
+    strategy are checked before the checkpoint is loaded, so a typo fails fast."""
     quiet_opencv()
-    out_dir = Path(args.out)
+    out_dir, strategy = Path(args.out), strategy_from_args(args)
     if is_camera(args.input):
-        predict_capture(args, int(args.input), f"camera{args.input}", args.max_frames or DEFAULT_CAMERA_FRAMES)
+        predict_capture(args, strategy, int(args.input), f"camera{args.input}",
+                        args.max_frames or DEFAULT_CAMERA_FRAMES)
         return
     path = Path(args.input)
     if not path.exists():
         raise MediaError(f"input not found: {path}")
     if path.is_dir():
         files = folder_files(path)
-        predict_folder(load_predictor(args), files, out_dir, args.alpha, args.raw)
+        predict_folder(load_predictor(args), strategy, files, out_dir, args.alpha, args.raw)
     elif path.suffix.lower() in VIDEO_SUFFIXES:
-        predict_capture(args, str(path), path.stem, args.max_frames)
+        predict_capture(args, strategy, str(path), path.stem, args.max_frames)
     else:
         image = load_rgb(path)
-        report_images([predict_image(load_predictor(args), image, path.stem, out_dir, args.alpha, args.raw)], 0,
-                      out_dir)
+        latency = predict_image(load_predictor(args), strategy, image, path.stem, out_dir, args.alpha, args.raw)
+        report_images([latency], 0, out_dir)

@@ -11,6 +11,7 @@ class map and confidence at once.
 """
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -87,6 +88,30 @@ class Strategy:
 
 
 WHOLE = Strategy()
+
+
+def add_strategy_arguments(parser: argparse.ArgumentParser, modes: tuple[str, ...] = MODES,
+                           mode_help: str = "") -> None:
+    """--mode, --tile, --stride, --scale and --tta: the scripts' spelling of a Strategy (``modes``
+    first is the default; test.py adds its own)."""
+    group = parser.add_argument_group("how the network sees each image")
+    group.add_argument("--mode", choices=modes, default=modes[0],
+                       help=mode_help + "whole: the long side scaled to the training size, one pass; slide: tiles "
+                            "of the training size over the image at its own resolution, blended (default: "
+                            f"{modes[0]})")
+    group.add_argument("--tile", type=int, default=None, help="slide: tile side in pixels (default: the training size)")
+    group.add_argument("--stride", type=int, default=None,
+                       help="slide: pixels between tiles (default: two thirds of the tile)")
+    group.add_argument("--scale", type=float, default=None,
+                       help="slide: the image's scale before tiling (default 1: its own resolution)")
+    group.add_argument("--tta", choices=TTA_CHOICES, default="none",
+                       help=f"test-time augmentation, softmax averaged: flip (2 passes), scales {TTA_SCALES} (3), "
+                            "or flip+scales (6)")
+
+
+def strategy_from_args(args: argparse.Namespace) -> Strategy:
+    """The Strategy the options of add_strategy_arguments name (a StrategyError for a bad mix)."""
+    return Strategy(mode=args.mode, tta=args.tta, tile=args.tile, stride=args.stride, scale=args.scale)
 
 
 def tta_probabilities(forward: Forward, batch: torch.Tensor, tta: str, minimum: int = 1,
