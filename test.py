@@ -44,10 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     robustness.add_argument("--corruptions", metavar="NAME[,NAME...]",
                             help=f"score the images under these corruptions too (or a group: {', '.join(GROUPS)})")
     robustness.add_argument("--severities", default="1-5", help="corruption severities, 1-5 or 1,3,5 (default 1-5)")
-    robustness.add_argument("--seed", type=int, default=0, help="the corruptions' random draws (default 0)")
+    robustness.add_argument("--seed", type=int, help="the corruptions' random draws (default 0)")
     robustness.add_argument("--target-class", help="the class followed besides mIoU (default: a two-class model's "
                                                    "foreground)")
-    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+    parser.add_argument("--backend", choices=BACKENDS,
                         help="through the predictor: what runs the network (default: torch)")
     return parser.parse_args(argv)
 

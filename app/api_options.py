@@ -22,18 +22,21 @@ def parse_api_options(args: Mapping[str, str]) -> ApiOptions:
 
 
 def strategy(args: Mapping[str, str]) -> Strategy:
-    mode, tta = choice(args, "mode", MODES), choice(args, "tta", TTA_CHOICES)
+    # An unencoded "+" in a query string decodes to a space: ?tta=flip+scales arrives as "flip scales".
+    mode, tta = choice(args, "mode", MODES), choice(args, "tta", TTA_CHOICES, args.get("tta", "").replace(" ", "+"))
     raw_scale = args.get("scale")
     try:
         scale = None if raw_scale is None else float(raw_scale)
+    except ValueError:
+        raise UploadError(f"query parameter scale must be a number, not {raw_scale!r}") from None
+    try:
         return Strategy(mode=mode, tta=tta, scale=scale)
-    except (ValueError, StrategyError) as error:
-        reason = error if isinstance(error, StrategyError) else f"must be a number, not {raw_scale!r}"
-        raise UploadError(f"query parameter scale: {reason}") from None
+    except StrategyError as error:
+        raise UploadError(f"query parameter {error}") from None
 
 
-def choice(args: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
-    raw = args.get(name, choices[0])
+def choice(args: Mapping[str, str], name: str, choices: tuple[str, ...], raw: str | None = None) -> str:
+    raw = raw or args.get(name, choices[0])
     if raw not in choices:
         raise UploadError(f"query parameter {name} must be one of {', '.join(choices)}, not {raw!r}")
     return raw

@@ -69,7 +69,8 @@ def segment_and_store(options: ApiOptions, keep_photo: bool = False) -> tuple[Se
 def check_forwards(strategy: Strategy, image: Image.Image, limit: int) -> None:
     """Slide mode and TTA multiply a request's forwards: bounded, so that one request cannot hold a
     worker for minutes."""
-    forwards = strategy.forwards((image.height, image.width), segmenter().load().input_size)
+    predictor = segmenter().load()
+    forwards = strategy.forwards((image.height, image.width), predictor.input_size, predictor.num_classes)
     if forwards > limit:
         raise UploadError(f"mode={strategy.mode}, tta={strategy.tta} on a {image.width}x{image.height} image needs "
                           f"{forwards} network passes; this service allows {limit} (a smaller scale, or no tta)", 413)

@@ -28,7 +28,7 @@ from app.uploads import decode_image
 from tests.tiny_checkpoint import CLASS_NAMES, make_checkpoint
 from utils.classes import palette
 from utils.inference.predictor import Predictor
-from utils.inference.tiling import MODES, TTA_CHOICES, Strategy
+from utils.inference.tiling import MODES, SCALE_RANGE, TTA_CHOICES, Strategy
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +166,9 @@ def test_min_area_ratio_leaves_out_smaller_classes_and_keeps_full_map_areas(clie
     ("rle=true", "rle must be 0 or 1"),
     ("mode=tiles", "mode must be one of whole, slide, not 'tiles'"),
     ("tta=rotate", "tta must be one of none, flip, scales, flip+scales, not 'rotate'"),
-    ("mode=slide&scale=abc", "scale: must be a number, not 'abc'"),
-    ("mode=slide&scale=0", "scale: scale must be within 0.05..4"),
-    ("scale=0.5", "scale: scale: only in slide mode"),
+    ("mode=slide&scale=abc", "query parameter scale must be a number, not 'abc'"),
+    ("mode=slide&scale=0", "query parameter scale must be within 0.05..4.0, not 0.0"),
+    ("scale=0.5", "query parameter scale: only in slide mode"),
 ], ids=["text", "negative", "above-1", "nan", "empty", "rle-2", "rle-true", "mode", "tta", "scale-text", "scale-0",
         "scale-whole"])
 def test_bad_query_values_are_400s_before_the_upload_is_read(client, tmp_path, query, message):
@@ -190,7 +190,7 @@ def test_slide_and_tta_answer_what_the_predictor_sees_that_way(client, checkpoin
 def test_a_request_needing_more_passes_than_allowed_is_a_413(make_client, tmp_path):
     client = make_client(MAX_FORWARDS=5)
     assert segment(client, encoded(photo(90, 70)), "?tta=flip")["classes"]  # 2 passes
-    response = post_file(client, encoded(photo(90, 70)), url="/json?tta=flip%2Bscales")  # 6
+    response = post_file(client, encoded(photo(90, 70)), url="/json?tta=flip+scales")  # 6: "+" unencoded too
     assert response.status_code == 413
     assert "needs 6 network passes; this service allows 5" in response.get_json()["error"]
 
@@ -199,6 +199,7 @@ def test_the_openapi_document_offers_exactly_the_strategies_the_predictor_has(cl
     parameters = {entry["name"]: entry["schema"] for entry in
                   client.get("/openapi.json").get_json()["paths"]["/json"]["post"]["parameters"]}
     assert parameters["mode"]["enum"] == list(MODES) and parameters["tta"]["enum"] == list(TTA_CHOICES)
+    assert (parameters["scale"]["minimum"], parameters["scale"]["maximum"]) == SCALE_RANGE
 
 
 def test_results_serve_each_kind_with_its_type(client):
@@ -384,7 +385,7 @@ def test_health_readiness_and_model_info(client):
 
 def test_internal_errors_are_short_500s(client, monkeypatch):
     segmenter = client.application.extensions["segmenter"]
-    monkeypatch.setattr(segmenter, "segment", lambda image: 1 / 0)
+    monkeypatch.setattr(segmenter, "segment", lambda image, strategy: 1 / 0)
     response = post_file(client, encoded(photo()))
     assert response.status_code == 500
     assert response.get_json() == {"error": "internal error: the request could not be processed"}
@@ -471,7 +472,7 @@ def test_responses_match_the_openapi_document(make_client, monkeypatch):
     ]
     monkeypatch.setattr("app.results.free_bytes", lambda folder: 0)
     exchanges.append(("/json", "post", post_file(client, small, headers=token)))  # 507
-    monkeypatch.setattr(client.application.extensions["segmenter"], "segment", lambda image: 1 / 0)
+    monkeypatch.setattr(client.application.extensions["segmenter"], "segment", lambda image, strategy: 1 / 0)
     monkeypatch.setattr("app.results.free_bytes", lambda folder: 10**12)
     exchanges.append(("/json", "post", post_file(client, small, headers=token)))
     statuses = {(path, method, response.status_code) for path, method, response in exchanges}

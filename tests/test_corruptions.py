@@ -130,6 +130,8 @@ def test_robustness_report_has_every_corruption_and_severity_and_repeats(two_cla
     (["--mode", "whole", "--corruptions", "smog"], "unknown corruption 'smog'"),
     (["--mode", "whole", "--corruptions", "fog", "--severities", "0-9"], "severities must be within 1-5"),
     (["--tta", "flip"], "--tta: the predictor's options"),
+    (["--backend", "torch"], "--backend: the predictor's options"),
+    (["--mode", "whole", "--seed", "3"], "--seed: only with --corruptions"),
 ])
 def test_bad_robustness_options_are_one_line_errors(two_class, options, message, capsys):
     data, checkpoint, root = two_class

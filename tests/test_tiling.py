@@ -91,18 +91,61 @@ def test_slide_at_a_scale_answers_at_the_original_size(tiny):
     assert result.class_map.shape == result.confidence.shape == (90, 150)
 
 
-def test_tiles_cover_every_pixel_and_the_blend_weights_sum_to_one():
+def coordinates(height: int, width: int) -> np.ndarray:
+    """An image whose pixels spell their own (row, column), so that a tile knows where it lies."""
+    rows, columns = np.mgrid[0:height, 0:width]
+    return np.stack([rows % 256, columns % 256, rows // 256 * 16 + columns // 256], axis=-1).astype(np.uint8)
+
+
+def tile_outputs(tile: np.ndarray) -> torch.Tensor:
+    """h x w x 3 random 'probabilities' of their own for every tile (seeded by where it starts)."""
+    low_row, low_column, high = (int(value) for value in tile[0, 0])
+    top, left = low_row + 256 * (high // 16), low_column + 256 * (high % 16)
+    return torch.rand(*tile.shape[:2], 3, generator=torch.Generator().manual_seed(top * 10_007 + left))
+
+
+def blended_by_hand(pixels: np.ndarray, tile: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blend as the definition says, on whole-image arrays: sum of window x output over
+    tiles, divided by the summed windows."""
+    height, width = pixels.shape[:2]
+    sums, weights = torch.zeros(height, width, 3), torch.zeros(height, width)
+    for y in tile_starts(height, tile, stride):
+        for x in tile_starts(width, tile, stride):
+            window = smooth_window(min(tile, height - y), min(tile, width - x))
+            sums[y:y + tile, x:x + tile] += tile_outputs(pixels[y:y + tile, x:x + tile]) * window[..., None]
+            weights[y:y + tile, x:x + tile] += window
+    confidence, class_ids = (sums / weights[..., None]).max(dim=-1)
+    return class_ids.to(torch.int32), confidence
+
+
+def test_tile_starts_cover_every_pixel_and_the_window_never_reaches_zero():
     assert tile_starts(100, 64, 42) == [0, 36]
     assert tile_starts(40, 64, 42) == [0]
     assert tile_starts(200, 64, 42) == [0, 42, 84, 126, 136]
     window = smooth_window(64, 48)
     assert window.min() > 0 and window.max() <= 1
-    # Probabilities of 1 for class 0 everywhere: the blend gives back exactly 1 where the weights sum to one.
-    ones = np.zeros((130, 170, 3), np.uint8)
-    class_ids, confidence = slide(ones, lambda tile: torch.tensor([1.0, 0.0]).expand(*tile.shape[:2], 2),
-                                  (64, 64), (42, 42), num_classes=2, budget_bytes=1)  # budget 1: strips one tile wide
-    assert (class_ids == 0).all()
-    torch.testing.assert_close(confidence, torch.ones(130, 170))
+
+
+@pytest.mark.parametrize("budget_bytes", [1, None], ids=["strips-one-tile-wide", "one-strip"])
+def test_the_blend_is_the_window_weighted_mean_of_every_tile_covering_a_pixel(budget_bytes):
+    pixels = coordinates(150, 300)
+    class_ids, confidence = slide(pixels, tile_outputs, (64, 64), (40, 40), num_classes=3, budget_bytes=budget_bytes)
+    expected_ids, expected_confidence = blended_by_hand(pixels, 64, 40)
+    assert torch.equal(class_ids, expected_ids)
+    torch.testing.assert_close(confidence, expected_confidence)
+
+
+def test_the_forwards_a_service_bounds_are_the_forwards_slide_runs(monkeypatch):
+    monkeypatch.setattr(tiling, "SLIDE_BUDGET_BYTES", 4 * 3 * 64 * 100)  # strips of 100 pixels for 3 classes
+    predictor = pointwise(3)
+    calls = []
+    network = predictor.forward
+    predictor.forward = lambda batch: calls.append(1) or network(batch)
+    for strategy in (Strategy(mode="slide", tile=64, stride=40, tta="flip"), Strategy(mode="slide", tile=48),
+                     Strategy(tta="flip+scales")):
+        calls.clear()
+        predictor.predict(noise(300, 170), strategy)
+        assert len(calls) == strategy.forwards((170, 300), predictor.input_size, 3), strategy
 
 
 def test_tile_borders_leave_no_seam_on_a_constant_image(monkeypatch):
@@ -188,10 +231,16 @@ def test_scales_on_a_pointwise_network_average_views_that_barely_differ():
     ({"mode": "tiles"}, "mode must be one of whole, slide"),
     ({"tta": "rotate"}, "tta must be one of"),
     ({"tile": 64}, "only in slide mode"),
-    ({"mode": "slide", "tile": 0}, "tile must be 1..8192"),
+    ({"mode": "slide", "tile": 0}, "tile must be 16..8192"),
+    ({"mode": "slide", "stride": 4}, "stride must be 8..8192"),
     ({"mode": "slide", "scale": 9.0}, "scale must be within"),
     ({"mode": "slide", "tile": 32, "stride": 40}, "would leave pixels unseen"),
 ])
 def test_a_strategy_that_cannot_be_applied_is_refused_in_one_line(arguments, message):
     with pytest.raises(StrategyError, match=message):
         Strategy(**arguments)
+
+
+def test_a_stride_beyond_the_checkpoints_own_tile_is_refused():
+    with pytest.raises(StrategyError, match="stride 100 > tile 64"):
+        pointwise().predict(noise(90, 70), Strategy(mode="slide", stride=100))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import time
 import zlib
 from collections.abc import Iterable, Sequence
@@ -30,7 +31,7 @@ from utils.evaluation.metrics import ConfusionMatrix, format_optional
 from utils.evaluation.report import write_report
 from utils.evaluation.robustness import Scores, summarize_robustness, write_robustness
 from utils.inference.predictor import Predictor, fit_long_side
-from utils.inference.tiling import WHOLE, Strategy, StrategyError, strategy_from_args
+from utils.inference.tiling import WHOLE, Strategy, StrategyError, scaled_size, strategy_from_args
 
 log = logging.getLogger("test")
 
@@ -65,7 +66,7 @@ def working_resolution(sample: Sample, strategy: Strategy, training_size: tuple[
     if strategy.mode == "whole":
         size = fit_long_side(width, height, max(training_size))
     else:
-        size = (max(1, round(width * (strategy.scale or 1.0))), max(1, round(height * (strategy.scale or 1.0))))
+        size = scaled_size((width, height), strategy.scale or 1.0)
     if size == (width, height):
         return image, mask
     return (np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)),
@@ -121,25 +122,33 @@ def evaluate_robustness(predictor: Predictor, dataset: PairedDataset, strategy: 
     for name in tqdm(corruptions, desc="corruptions", dynamic_ncols=True):
         by_corruption[name] = {}
         for severity in severities:
-            corrupted = ((corrupt(image, name, severity, corruption_seed(args.seed, name, severity, index)), mask)
+            corrupted = ((corrupt(image, name, severity, corruption_seed(args.seed or 0, name, severity, index)), mask)
                          for index, (image, mask) in enumerate(samples))
             by_corruption[name][severity] = score(predictor, corrupted, at_work, f"{name} {severity}").scores(target)
     summary = summarize_robustness(clean, by_corruption)
     summary.update(checkpoint=str(args.checkpoint), images=len(samples), mode=strategy.mode, tta=strategy.tta,
-                   seed=args.seed)
+                   seed=args.seed or 0)
     write_robustness(summary, None if target is None else predictor.class_names[target], Path(args.save_dir))
     return summary
 
 
 def through_predictor(args: argparse.Namespace) -> bool:
-    """Whether test.py's options ask for the Predictor: --mode whole or slide.  The others need one of them."""
-    if args.mode != "full":
-        return True
-    asked = [f"--{name}" for name in ("tile", "stride", "scale", "corruptions") if getattr(args, name) is not None]
-    asked += ["--tta"] if args.tta != "none" else []
-    if asked:
-        raise StrategyError(f"{', '.join(asked)}: the predictor's options; pass --mode whole or --mode slide")
-    return False
+    """Whether test.py's options ask for the Predictor (--mode whole or slide), refusing the options
+    that would otherwise be ignored: the predictor's in full mode, the corruptions' without them,
+    and the predictor path under torchrun (it runs in one process)."""
+    given = [f"--{name.replace('_', '-')}" for name in ("tile", "stride", "scale", "corruptions", "backend", "seed",
+                                                      "target_class") if getattr(args, name) is not None]
+    given += ["--tta"] if args.tta != "none" else []
+    if args.mode == "full":
+        if given:
+            raise StrategyError(f"{', '.join(given)}: the predictor's options; pass --mode whole or --mode slide")
+        return False
+    unused = [name for name in ("--seed", "--target-class") if name in given and args.corruptions is None]
+    if unused:
+        raise StrategyError(f"{', '.join(unused)}: only with --corruptions")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise StrategyError("--mode whole|slide runs in one process: start test.py without torchrun")
+    return True
 
 
 def evaluate_through_predictor(args: argparse.Namespace) -> dict:
@@ -149,7 +158,7 @@ def evaluate_through_predictor(args: argparse.Namespace) -> dict:
     corruptions = parse_corruptions(args.corruptions) if args.corruptions else []
     severities = parse_severities(args.severities)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision,
-                                          backend=args.backend)
+                                          backend=args.backend or "torch")
     dataset = build_dataset(args, "val")
     if dataset.num_classes != predictor.num_classes:
         raise DatasetError(f"the dataset has {dataset.num_classes} classes but {args.checkpoint} predicts "

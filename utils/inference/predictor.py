@@ -34,7 +34,7 @@ from utils.data.transforms import SIZE_MULTIPLE, normalise, padded_size, to_unit
 from utils.fileio import to_rgb
 from utils.inference.openvino_runtime import openvino_forward, openvino_model
 from utils.inference.precision_guard import precision_allowed
-from utils.inference.tiling import WHOLE, Strategy, TileProbabilities, slide, tta_probabilities
+from utils.inference.tiling import WHOLE, Forward, Strategy, TileProbabilities, scaled_size, slide, tta_probabilities
 from utils.precision import cpu_supports_bf16
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,6 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # openvino_model (not training autocast's "auto"); fp16 runs on CUDA only, int8 on OpenVINO only.
 SERVING_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 PIXELS_PER_CHUNK = 4096  # softmax rows per step: 91 classes x 4096 x 4 bytes = 1.5 MB, about one core's L2
-
-Forward = Callable[[torch.Tensor], torch.Tensor]  # 1 x 3 x h x w input -> 1 x C x h x w logits
 
 
 def pick_device(prefer: str | torch.device | None = None) -> torch.device:
@@ -116,7 +114,8 @@ class PreprocessInfo:
 @dataclass
 class Prediction:
     class_map: np.ndarray  # H x W class ids at the original size (uint8 up to 256 classes)
-    confidence: np.ndarray  # H x W float32 softmax probability of the predicted class
+    # H x W float32: the predicted class's softmax probability (averaged over TTA views, blended over tiles)
+    confidence: np.ndarray
     inference_ms: float  # the whole predict call: preprocessing, network, mapping back
 
 
@@ -300,7 +299,7 @@ class Predictor:
         """The RGB pixels of ``image`` resized by ``scale`` (slide mode's working resolution)."""
         rgb = to_rgb(image)
         scaled = rgb if scale == 1.0 else rgb.resize(
-            (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.Resampling.BILINEAR)
+            scaled_size(rgb.size, scale), Image.Resampling.BILINEAR)
         pixels = np.asarray(scaled)
         return pixels, PreprocessInfo(original_size=(rgb.height, rgb.width), resized_size=pixels.shape[:2])
 

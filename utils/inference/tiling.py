@@ -26,6 +26,8 @@ MODES = ("whole", "slide")
 TTA_CHOICES = ("none", "flip", "scales", "flip+scales")
 TTA_SCALES = (0.75, 1.0, 1.25)  # mmsegmentation's usual ratios around the training size
 SLIDE_BUDGET_BYTES = 256 * 2**20  # one strip's blended probabilities: C x tile height x strip width floats
+MIN_TILE, MIN_STRIDE = 16, 8  # pixels: below them a photo would cost tens of thousands of forwards
+SCALE_RANGE = (0.05, 4.0)  # slide mode's scale of the image before tiling
 ROWS_PER_STEP = 16  # rows of blended probabilities turned into classes at a time
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # 1 x 3 x h x w input -> 1 x C x h x w logits
@@ -41,7 +43,8 @@ class Strategy:
     """``mode``: "whole" (the long side scaled to the training size, one forward: the default) or
     "slide" (tiles at ``scale`` x the original resolution, default 1.0).  ``tile`` and ``stride``
     (pixels, square) default to the training size and two thirds of the tile.  ``tta``: "none",
-    "flip" (horizontal), "scales" (TTA_SCALES) or "flip+scales"."""
+    "flip" (horizontal), "scales" (TTA_SCALES) or "flip+scales".  An image smaller than a tile is
+    one padded tile at its own size, where whole mode would enlarge it to the training size."""
     mode: str = "whole"
     tta: str = "none"
     tile: int | None = None
@@ -56,12 +59,12 @@ class Strategy:
         slide_only = [name for name in ("tile", "stride", "scale") if getattr(self, name) is not None]
         if self.mode == "whole" and slide_only:
             raise StrategyError(f"{', '.join(slide_only)}: only in slide mode (whole scales to the training size)")
-        for name in ("tile", "stride"):
+        for name, smallest in (("tile", MIN_TILE), ("stride", MIN_STRIDE)):
             value = getattr(self, name)
-            if value is not None and not 1 <= value <= 8192:
-                raise StrategyError(f"{name} must be 1..8192 pixels, not {value}")
-        if self.scale is not None and not 0.05 <= self.scale <= 4:
-            raise StrategyError(f"scale must be within 0.05..4, not {self.scale}")
+            if value is not None and not smallest <= value <= 8192:
+                raise StrategyError(f"{name} must be {smallest}..8192 pixels, not {value}")
+        if self.scale is not None and not SCALE_RANGE[0] <= self.scale <= SCALE_RANGE[1]:
+            raise StrategyError(f"scale must be within {SCALE_RANGE[0]}..{SCALE_RANGE[1]}, not {self.scale}")
         if self.tile is not None and self.stride is not None and self.stride > self.tile:
             raise StrategyError(f"stride {self.stride} > tile {self.tile} would leave pixels unseen")
 
@@ -73,18 +76,22 @@ class Strategy:
     def tile_and_stride(self, training_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
         """(tile height, width), (stride down, across): a third of the tile overlaps by default."""
         tile = (self.tile, self.tile) if self.tile is not None else training_size
-        if self.stride is not None:
-            return tile, (min(self.stride, tile[0]), min(self.stride, tile[1]))
-        return tile, tuple(max(1, side - side // 3) for side in tile)
+        if self.stride is None:
+            return tile, tuple(max(1, side - side // 3) for side in tile)
+        if self.stride > min(tile):
+            raise StrategyError(f"stride {self.stride} > tile {min(tile)} would leave pixels unseen")
+        return tile, (self.stride, self.stride)
 
-    def forwards(self, image_size: tuple[int, int], training_size: tuple[int, int]) -> int:
-        """How many network forwards an image of (height, width) costs: what a service bounds."""
+    def forwards(self, image_size: tuple[int, int], training_size: tuple[int, int], num_classes: int) -> int:
+        """How many network forwards an image of (height, width) costs, as slide() runs them: what a
+        service bounds."""
         views = (len(TTA_SCALES) if "scales" in self.tta else 1) * (2 if "flip" in self.tta else 1)
         if self.mode == "whole":
             return views
-        (tile_height, tile_width), (down, across) = self.tile_and_stride(training_size)
-        height, width = (max(1, round(side * (self.scale or 1.0))) for side in image_size)
-        return views * len(tile_starts(height, tile_height, down)) * len(tile_starts(width, tile_width, across))
+        tile, (down, across) = self.tile_and_stride(training_size)
+        height, width = scaled_size(image_size, self.scale or 1.0)
+        strips = strip_plan(width, tile[1], across, strip_width_of(tile, num_classes))
+        return views * len(tile_starts(height, tile[0], down)) * sum(len(columns) for _, _, columns in strips)
 
 
 WHOLE = Strategy()
@@ -126,7 +133,7 @@ def tta_probabilities(forward: Forward, batch: torch.Tensor, tta: str, minimum: 
     total = None
     for scale in scales:
         view = batch if scale == 1.0 else F.interpolate(
-            batch, size=(max(1, round(height * scale)), max(1, round(width * scale))), mode="bilinear",
+            batch, size=scaled_size((height, width), scale), mode="bilinear",
             align_corners=False)
         for flip in flips:
             probabilities = network_probabilities(forward, view.flip(-1) if flip else view, minimum, fill)
@@ -171,22 +178,42 @@ def smooth_window(height: int, width: int) -> torch.Tensor:
     return along(height)[:, None] * along(width)[None, :]
 
 
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """A (height, width) or (width, height) times ``scale``, each side at least one pixel."""
+    return tuple(max(1, round(side * scale)) for side in size)
+
+
+def strip_width_of(tile: tuple[int, int], num_classes: int, budget_bytes: int | None = None) -> int:
+    """The widest strip whose C x tile height sums fit ``budget_bytes`` (default SLIDE_BUDGET_BYTES),
+    at least a tile."""
+    budget_bytes = SLIDE_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    return max(tile[1], budget_bytes // (4 * num_classes * tile[0]))
+
+
+def strip_plan(width: int, tile_width: int, across: int, strip_width: int) -> list[tuple[int, int, list[int]]]:
+    """(left, right, the tile columns reaching it) of each vertical strip: at most ``strip_width``
+    wide, each border where a tile column ends, so that only the tiles across a border run twice."""
+    columns, plan, left = tile_starts(width, tile_width, across), [], 0
+    while left < width:
+        ends = [x + tile_width for x in columns if left < x + tile_width <= left + strip_width]
+        right = min(width, max(ends) if ends else left + strip_width)
+        plan.append((left, right, [x for x in columns if x < right and x + tile_width > left]))
+        left = right
+    return plan
+
+
 def slide(pixels: np.ndarray, probabilities: TileProbabilities, tile: tuple[int, int], stride: tuple[int, int],
           num_classes: int, budget_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(H x W class ids, H x W confidence) of the H x W x 3 image ``pixels``: every tile's
     ``probabilities`` weighted by the smooth window, summed and divided by the weights, in strips
-    whose sums fit ``budget_bytes`` (default SLIDE_BUDGET_BYTES; at least one tile wide)."""
-    budget_bytes = SLIDE_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    whose sums fit ``budget_bytes`` (strip_width_of).  Beside the sums, the peak holds a tile's
+    logits and probabilities (C x tile floats each) and the strip's carried-over rows."""
     height, width = pixels.shape[:2]
     rows = tile_starts(height, tile[0], stride[0])
-    columns = tile_starts(width, tile[1], stride[1])
     window = smooth_window(*tile)
     class_ids = torch.empty(height, width, dtype=torch.int32)
     confidence = torch.empty(height, width, dtype=torch.float32)
-    strip_width = max(tile[1], budget_bytes // (4 * num_classes * tile[0]))
-    for left in range(0, width, strip_width):
-        right = min(width, left + strip_width)
-        inside = [x for x in columns if x < right and x + tile[1] > left]
+    for left, right, inside in strip_plan(width, tile[1], stride[1], strip_width_of(tile, num_classes, budget_bytes)):
         for top, bottom, blended in strip_bands(pixels, probabilities, window, rows, inside, (left, right),
                                                 num_classes):
             class_ids[top:bottom, left:right], confidence[top:bottom, left:right] = top_of(blended)
@@ -214,7 +241,7 @@ def strip_bands(pixels: np.ndarray, probabilities: TileProbabilities, window: to
             seen = slice(max(left, x) - x, min(right, x + tile.shape[1]) - x)
             target = (slice(y - first, bottom - first), slice(x + seen.start - left, x + seen.stop - left))
             weight = window[:tile.shape[0], seen]
-            sums[target] += tile[:, seen] * weight[..., None]
+            sums[target].addcmul_(tile[:, seen], weight[..., None])  # in place: no tile-sized temporary
             weights[target] += weight
         done = rows[index + 1] if index + 1 < len(rows) else bottom
         yield first, done, (sums[:done - first], weights[:done - first])
