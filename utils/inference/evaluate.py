@@ -102,7 +102,9 @@ def evaluate_strategy(predictor: Predictor, dataset: PairedDataset, strategy: St
                   confusion_matrix=scored.matrix.matrix.tolist())
     if not strategy.plain:
         plain = score(predictor, samples, WHOLE, "whole, tta none")
-        report["plain_whole"] = {"miou": plain.matrix.compute()["miou"], "seconds_per_image": plain.seconds_per_image}
+        plain_metrics = plain.matrix.compute()
+        report["plain_whole"] = {"miou": plain_metrics["miou"], "iou": plain_metrics["iou"],
+                                 "seconds_per_image": plain.seconds_per_image}
         log.info("mode %s, tta %s: mIoU %s against %s in plain whole mode; %.2f s per image against %.2f (%.1fx)",
                  strategy.mode, strategy.tta, format_optional(report["miou"]),
                  format_optional(report["plain_whole"]["miou"]), scored.seconds_per_image, plain.seconds_per_image,
