@@ -93,17 +93,18 @@ def plot_class_iou(ious: list[float | None], class_names: list[str], out_path: s
 def plot_robustness(clean: float | None, by_corruption: dict[str, dict[int, float | None]], metric: str,
                     out_path: str | os.PathLike) -> None:
     """``metric`` against severity, a line per corruption, the clean score as a dashed line."""
-    figure, axes = plt.subplots(figsize=(9, 5.5))
-    for name, by_severity in by_corruption.items():
+    figure, axes = plt.subplots(figsize=(10, 5.5))
+    for index, (name, by_severity) in enumerate(by_corruption.items()):
         severities = sorted(by_severity)
+        # 20 colours, then dashed: about 19 corruptions stay apart
         axes.plot(severities, [np.nan if by_severity[s] is None else by_severity[s] for s in severities],
-                  marker="o", label=name)
+                  marker="o", label=name, color=plt.cm.tab20(index % 20), linestyle="-" if index < 20 else "--")
     if clean is not None:
         axes.axhline(clean, color="black", linestyle="--", label="clean")
     axes.set_xlabel("severity")
     axes.set_ylabel(metric)
     axes.set_xticks(range(1, 6))
     axes.set_title(f"{metric} under corruption")
-    axes.legend(fontsize=7, ncol=2, loc="lower left")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.grid(alpha=0.3)
     _save(figure, out_path, dpi=110, bbox_inches="tight")

@@ -43,7 +43,7 @@ def robustness_table(summary: dict, target: str | None) -> str:
     clean = summary["clean"]
     for metric in metrics:
         lines.append(f"| clean | {label[metric]} | " + " | ".join([format_optional(clean[metric])] * len(severities))
-                     + f" | {format_optional(clean[metric])} | 1.0000 |")
+                     + f" | {format_optional(clean[metric])} | {'1.0000' if metric == 'miou' else ''} |")
     for name, corruption in [*summary["corruptions"].items(), ("mean of all", None)]:
         for metric in metrics:
             cells = ([format_optional(corruption["severities"][str(s)][metric]) for s in severities] if corruption
