@@ -27,7 +27,7 @@ def client(checkpoint, tmp_path):
 
 def test_the_page_answers_an_internal_error_with_a_short_500_page(client, monkeypatch, caplog):
     segmenter = client.application.extensions["segmenter"]
-    monkeypatch.setattr(segmenter, "segment", lambda image: 1 / 0)
+    monkeypatch.setattr(segmenter, "segment", lambda image, strategy: 1 / 0)
     with caplog.at_level(logging.ERROR):
         response = post_file(client, encoded(photo()), url="/")
     assert response.status_code == 500 and response.mimetype == "text/html"
