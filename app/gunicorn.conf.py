@@ -57,9 +57,13 @@ def on_exit(server) -> None:
 
 
 def child_exit(server, worker) -> None:
-    """A dead worker's gauges (requests in flight, the model it served) must stop counting."""
+    """A dead worker's gauges (requests in flight, the model it served) must stop counting, and
+    serve.py must not count it as ready."""
     from prometheus_client import multiprocess
     multiprocess.mark_process_dead(worker.pid)
+    ready = os.environ.get("SEG_READY_DIR")
+    if ready:
+        (Path(ready) / str(worker.pid)).unlink(missing_ok=True)
 
 
 def is_loopback_bind(bind: str) -> bool:
@@ -117,3 +121,6 @@ def post_worker_init(worker) -> None:
         worker.log.error("cannot serve: %s (set SEG_CHECKPOINT to a checkpoint made by train.py)", error)
         sys.exit(4)
     worker.log.info("worker %s: model loaded from %s", worker.pid, app.config["CHECKPOINT"])
+    ready = os.environ.get("SEG_READY_DIR")
+    if ready:  # serve.py's rolling reload retires the old workers once the new ones are here
+        (Path(ready) / str(worker.pid)).touch()

@@ -39,9 +39,10 @@ STAGES = Histogram("seg_stage_duration_seconds",
 IN_FLIGHT = Gauge("seg_http_requests_in_flight", "Requests being answered now", multiprocess_mode="livesum")
 REFUSED = Counter("seg_uploads_refused", "Uploads refused, by reason", ("reason",))
 # An info metric as a gauge of 1: prometheus_client's Info does not work in multiprocess mode.
-# livemax: a worker's labels go with the worker, so after a reload only the new model is listed.
+# liveall: one sample per live worker, labelled with its pid, gone with the worker: during a
+# reload both models show, after it only the new one.
 MODEL = Gauge("seg_model_info", "The model each live worker serves (value 1)",
-              ("architecture", "checkpoint", "sha256", "backend", "precision"), multiprocess_mode="livemax")
+              ("architecture", "checkpoint", "sha256", "backend", "precision"), multiprocess_mode="liveall")
 WORKER_RESTARTS = Counter("seg_worker_restarts", "gunicorn workers started after the first set "
                           "(a crashed or timed-out worker replaced, or a reload)")
 

@@ -20,8 +20,8 @@ from app import settings
 from app.results import SUFFIXES, WRITE_GRACE_S, ResultFiles, prune_results
 from app.security import CONTENT_SECURITY_POLICY
 from tests.conftest import ROOT
+from tests.servers import free_port
 from tests.test_app import encoded, local, photo, post_file
-from tests.test_serving import free_port
 
 TOKEN = {"Authorization": "Bearer s3cret"}
 
