@@ -239,7 +239,7 @@ def test_loopback_binds_are_told_apart(monkeypatch, bind, loopback):
 
 
 def gunicorn_settings(monkeypatch, **environment):
-    for name in ("SEG_BIND", "SEG_API_TOKEN", "SEG_PAGE_PUBLIC"):
+    for name in ("SEG_BIND", "SEG_API_TOKEN", "SEG_PAGE_PUBLIC", "SEG_PUBLIC_BIND"):
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
@@ -266,6 +266,13 @@ def test_gunicorn_binds_loopback_unless_told_and_warns_when_open_without_a_token
     public = gunicorn_settings(monkeypatch, SEG_API_TOKEN="s3cret", SEG_PAGE_PUBLIC="1")
     assert "with SEG_PAGE_PUBLIC=1" in warnings_at_start(public, ["0.0.0.0:8000"])[0]
     assert warnings_at_start(public, ["127.0.0.1:8000"]) == []
+
+
+def test_behind_the_front_the_warning_is_about_the_front_s_address(monkeypatch):
+    socket = ["unix:/tmp/seg-serve-x/gunicorn.sock"]
+    assert warnings_at_start(gunicorn_settings(monkeypatch, SEG_PUBLIC_BIND="127.0.0.1:8000"), socket) == []
+    warned = warnings_at_start(gunicorn_settings(monkeypatch, SEG_PUBLIC_BIND="0.0.0.0:8000"), socket)
+    assert "listening on 0.0.0.0:8000 with no SEG_API_TOKEN" in warned[0]
 
 
 def test_a_real_gunicorn_on_every_interface_says_so_in_its_log(tiny_checkpoint, tmp_path):

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import Front, front, jpeg
+import serve
+from tests.servers import Front, front, jpeg, nginx_or_skip
 from tests.tiny_checkpoint import make_checkpoint
 from utils.fileio import file_sha256
 
@@ -30,6 +32,28 @@ def server(tmp_path_factory) -> Front:
     with front(tmp_path_factory.mktemp("front"), SEG_THREADS_PER_WORKER="2", SEG_CLIENT_TIMEOUT_S=str(TIMEOUT_S),
                SEG_MAX_BYTES="200000") as running:
         yield running
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1:8000", "0.0.0.0:80", "[::1]:8000", "localhost:9000", "unix:/run/s.sock"])
+def test_the_rendered_nginx_configuration_is_valid(bind, tmp_path, monkeypatch):
+    nginx_or_skip()
+    monkeypatch.setenv("SEG_BIND", bind)
+    monkeypatch.setenv("SEG_MAX_BYTES", "12345")
+    text = serve.nginx_config(serve.front_settings(), tmp_path)
+    assert "@@" not in text and f"listen {bind};" in text and "client_max_body_size 12345;" in text
+    (tmp_path / "nginx.conf").write_text(text.replace(f"listen {bind};", "listen 127.0.0.1:1;"))  # -t binds nothing
+    checked = subprocess.run([serve.nginx_binary(), "-t", "-q", "-e", "stderr", "-p", str(tmp_path), "-c",
+                              str(tmp_path / "nginx.conf")], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.parametrize("name,value", [("SEG_BIND", "127.0.0.1:80; include /etc/x"), ("SEG_BIND", "0.0.0.0"),
+                                        ("SEG_CLIENT_TIMEOUT_S", "ten"), ("SEG_CONNECTIONS_PER_CLIENT", "0"),
+                                        ("SEG_MAX_BYTES", "-1")])
+def test_bad_front_settings_are_one_line_errors(name, value, monkeypatch):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=f"error: {name}="):
+        serve.front_settings()
 
 
 def connect(url: str) -> socket.socket:
