@@ -163,6 +163,7 @@ def test_hup_reload_serves_the_new_checkpoint_without_a_failed_request(tmp_path)
     new = make_checkpoint(tmp_path / "new.pth", base_width=8, varied=True)
     with front(tmp_path, SEG_CHECKPOINT=str(served)) as running:
         old_sha = requests.get(running.url + "/api/model", timeout=10).json()["checkpoint_sha256"]
+        old_workers = set(live_workers(scrape(running.url)))
         stop, statuses = threading.Event(), []
 
         def load(seed: int) -> None:
@@ -193,5 +194,10 @@ def test_hup_reload_serves_the_new_checkpoint_without_a_failed_request(tmp_path)
         described = requests.get(running.url + "/api/model", timeout=10).json()
         assert described["checkpoint_sha256"] == file_sha256(served) != old_sha
         assert scrape(running.url).get(("seg_worker_restarts_total", ()), 0) == 2
+        # The old workers stopped only once both new ones had loaded the model: none was without a worker.
+        log = "".join(running.lines)
+        loaded = [log.index(f"worker {pid}: model loaded") for pid in set(live_workers(scrape(running.url)))]
+        exiting = [log.index(f"Worker exiting (pid: {pid})") for pid in old_workers]
+        assert len(loaded) == 2 and max(loaded) < min(exiting)
         socket_path = re.search(r"Listening at: unix:(\S+)", "".join(running.lines)).group(1)
     assert not Path(socket_path).parent.exists()  # serve.py's private folder goes with it
