@@ -1,4 +1,5 @@
-"""gunicorn settings for the service: ``gunicorn -c app/gunicorn.conf.py "app:create_app()"``.
+"""gunicorn settings for the service: ``gunicorn -c app/gunicorn.conf.py "app:create_app()"``,
+which serve.py (``make run``) starts behind nginx on a private unix socket.
 
 Each worker builds its own app and loads the model after the fork (post_worker_init), so
 the parent never touches torch or CUDA.  Tune with the environment:
