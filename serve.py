@@ -23,9 +23,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 ROOT = Path(__file__).resolve().parent
 TEMPLATE = ROOT / "app" / "nginx.conf.template"
@@ -122,9 +124,23 @@ def wait_for_socket(socket: Path, gunicorn: subprocess.Popen, seconds: float = 6
 def start_nginx(folder: Path) -> subprocess.Popen:
     config = folder / "nginx.conf"
     # -e: the error log from the start, before nginx reads its configuration (its default path is
-    # under /var/log, which a non-root user cannot open).
-    return subprocess.Popen([nginx_binary(), "-e", "stderr", "-p", str(folder), "-c", str(config),
-                             "-g", "daemon off;"], preexec_fn=die_with_parent)
+    # under /var/log, which a non-root user cannot open).  Its stdout is a pipe of this process,
+    # copied to ours: nginx opens /dev/stdout for its access log, which a non-root user may not
+    # open again when it is the container's or the terminal's (owned by root), but may a pipe of its own.
+    nginx = subprocess.Popen([nginx_binary(), "-e", "stderr", "-p", str(folder), "-c", str(config),
+                              "-g", "daemon off;"], stdout=subprocess.PIPE, preexec_fn=die_with_parent)
+    threading.Thread(target=copy_lines, args=(nginx.stdout, sys.stdout.buffer), daemon=True).start()
+    return nginx
+
+
+def copy_lines(source: BinaryIO, target: BinaryIO) -> None:
+    """Line by line, flushed, so that the access log shows each request as it is answered."""
+    for line in iter(source.readline, b""):
+        try:
+            target.write(line)
+            target.flush()
+        except (OSError, ValueError):  # our stdout is gone: read on all the same, or nginx would block
+            continue
 
 
 def stop(process: subprocess.Popen, seconds: float = 40) -> None:
