@@ -29,21 +29,20 @@ def strategy(args: Mapping[str, str]) -> Strategy:
         return Strategy(mode=mode, tta=tta, scale=scale)
     except (ValueError, StrategyError) as error:
         reason = error if isinstance(error, StrategyError) else f"must be a number, not {raw_scale!r}"
-        raise UploadError(f"query parameter scale: {reason}", reason="bad_query") from None
+        raise UploadError(f"query parameter scale: {reason}") from None
 
 
 def choice(args: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     raw = args.get(name, choices[0])
     if raw not in choices:
-        raise UploadError(f"query parameter {name} must be one of {', '.join(choices)}, not {raw!r}",
-                          reason="bad_query")
+        raise UploadError(f"query parameter {name} must be one of {', '.join(choices)}, not {raw!r}")
     return raw
 
 
 def flag(args: Mapping[str, str], name: str) -> bool:
     raw = args.get(name, "0")
     if raw not in ("0", "1"):
-        raise UploadError(f"query parameter {name} must be 0 or 1, not {raw!r}", reason="bad_query")
+        raise UploadError(f"query parameter {name} must be 0 or 1, not {raw!r}")
     return raw == "1"
 
 
@@ -54,5 +53,5 @@ def ratio(args: Mapping[str, str], name: str) -> float:
     except ValueError:
         value = math.nan
     if not 0.0 <= value <= 1.0:  # also refuses nan
-        raise UploadError(f"query parameter {name} must be a number from 0 to 1, not {raw!r}", reason="bad_query")
+        raise UploadError(f"query parameter {name} must be a number from 0 to 1, not {raw!r}")
     return value

@@ -74,6 +74,14 @@ def segment_and_store(options: ApiOptions, keep_photo: bool = False) -> tuple[Se
     return result, files, answer
 
 
+def query_options() -> ApiOptions:
+    """The query's options; a bad one is refused as such (its reason in the metrics)."""
+    try:
+        return parse_api_options(request.args)
+    except UploadError as error:
+        raise UploadError(str(error), error.status, "bad_query") from error
+
+
 def check_forwards(strategy: Strategy, image: Image.Image, limit: int) -> None:
     """Slide mode and TTA multiply a request's forwards: bounded, so that one request cannot hold a
     worker for minutes."""
@@ -139,7 +147,7 @@ def json_page():
 def json_segment():
     if not token_ok():
         return token_refused()
-    options = parse_api_options(request.args)  # before the upload is read: a bad query costs nothing
+    options = query_options()  # before the upload is read: a bad query costs nothing
     _, _, answer = segment_and_store(options)
     return Response(answer, mimetype="application/json")
 
