@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 
 from flask import Flask
-from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import metrics, request_ids, security, settings
 from app.segmenter import Segmenter
@@ -27,10 +26,6 @@ def create_app(config: dict | None = None) -> Flask:
     security.init_app(app)
     request_ids.init_app(app)
     metrics.init_app(app)
-    if app.config["BEHIND_FRONT"]:
-        # serve.py's nginx is the only client that can reach gunicorn's socket; it sets X-Forwarded-For
-        # and -Proto itself (a client's own are overwritten), so exactly one hop is trusted.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1)
     if not app.logger.handlers or app.logger.level == logging.NOTSET:
         app.logger.setLevel(logging.INFO)
     return app

@@ -69,7 +69,5 @@ def from_environment() -> dict:
         "COMPILE": os.environ.get("SEG_COMPILE", "0") == "1",
         "API_TOKEN": os.environ.get("SEG_API_TOKEN") or None,
         "PAGE_PUBLIC": os.environ.get("SEG_PAGE_PUBLIC", "0") == "1",
-        # Set by serve.py for the gunicorn behind its nginx: trust that one proxy's X-Forwarded-*.
-        "BEHIND_FRONT": os.environ.get("SEG_BEHIND_FRONT", "0") == "1",
         "LOAD_MODEL_AT_START": os.environ.get("SEG_LOAD_MODEL_AT_START", "1") == "1",
     }
