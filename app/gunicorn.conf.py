@@ -48,6 +48,7 @@ def on_starting(server) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="seg-metrics-")
         os.environ["SEG_METRICS_FOLDER_MADE"] = "1"
         return
+    Path(folder).mkdir(parents=True, exist_ok=True)
     for stale in Path(folder).glob("*.db"):
         stale.unlink()
 
