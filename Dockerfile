@@ -1,4 +1,4 @@
-# The segmentation service under gunicorn.  Build and run (README "Docker"):
+# The segmentation service: nginx in front of gunicorn, as `make run` starts it.  Build and run (README "Docker"):
 #   docker build -t segmentation .
 #   docker run -p 8000:8000 segmentation                       # CPU
 #   docker run --gpus all -p 8000:8000 segmentation            # GPU (NVIDIA Container Toolkit)
@@ -8,6 +8,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     SEG_BIND=0.0.0.0:8000
+
+# nginx in front of gunicorn (serve.py): it reads slow clients' requests whole before a worker sees them.
+RUN apt-get update && apt-get install -y --no-install-recommends nginx && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /srv
 COPY requirements.txt .
@@ -21,4 +24,5 @@ USER seg
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"
-CMD ["gunicorn", "-c", "app/gunicorn.conf.py", "app:create_app()"]
+# The launcher of `make run`: SIGTERM (docker stop) stops both, SIGHUP (docker kill -s HUP) reloads the model.
+CMD ["python", "serve.py"]

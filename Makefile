@@ -10,10 +10,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
 	touch $(STAMP)
 
-# The service on the shipped default model (save/default/model.pth), at http://127.0.0.1:8000/
+# The service on the shipped default model (save/default/model.pth), at http://127.0.0.1:8000/:
+# nginx in front of gunicorn (serve.py; needs Debian's nginx: apt-get install nginx).
 # SEG_CHECKPOINT=... serves another checkpoint; SEG_BIND=0.0.0.0:8000 listens on every interface.
 run: $(STAMP)
-	$(VENV)/bin/gunicorn -c app/gunicorn.conf.py "app:create_app()"
+	$(PYTHON) serve.py
 
 # Flask's development server, one process.
 dev: $(STAMP)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from flask import Flask
 
-from app import security, settings
+from app import metrics, request_ids, security, settings
 from app.segmenter import Segmenter
 
 
@@ -24,6 +24,8 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(routes.blueprint)
     routes.register_error_handlers(app)
     security.init_app(app)
+    request_ids.init_app(app)
+    metrics.init_app(app)
     if not app.logger.handlers or app.logger.level == logging.NOTSET:
         app.logger.setLevel(logging.INFO)
     return app

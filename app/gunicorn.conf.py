@@ -1,4 +1,5 @@
-"""gunicorn settings for the service: ``gunicorn -c app/gunicorn.conf.py "app:create_app()"``.
+"""gunicorn settings for the service: ``gunicorn -c app/gunicorn.conf.py "app:create_app()"``,
+which serve.py (``make run``) starts behind nginx on a private unix socket.
 
 Each worker builds its own app and loads the model after the fork (post_worker_init), so
 the parent never touches torch or CUDA.  Tune with the environment:
@@ -10,7 +11,10 @@ The defaults are the best setting measured by bench/serve.py (see bench/README.m
 """
 import ipaddress
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 bind = os.environ.get("SEG_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("SEG_WORKERS", "2"))
@@ -24,10 +28,44 @@ worker_class = "gthread"
 timeout = int(os.environ.get("SEG_TIMEOUT", "120"))
 graceful_timeout = 30
 keepalive = 5
-accesslog = "-"
+# Behind serve.py's front nginx writes the access log (it also sees what never reaches gunicorn:
+# timeouts, refused uploads); one line per request is enough.
+accesslog = None if os.environ.get("SEG_BEHIND_FRONT") == "1" else "-"
+# gunicorn's default, plus the time taken and the request id the app answered with.
+access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(M)sms request_id=%({x-request-id}o)s'
 errorlog = "-"
 loglevel = os.environ.get("SEG_LOG_LEVEL", "info")
 preload_app = False  # the model must load in each worker, after the fork
+
+
+def on_starting(server) -> None:
+    """Give prometheus_client's multiprocess mode (app/metrics.py) its folder, where every worker
+    writes its values.  In the environment before any worker imports prometheus_client, so each
+    inherits it; a reload (HUP) keeps it.  A folder the operator named may hold a previous run's
+    files, which would be counted again."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="seg-metrics-")
+        os.environ["SEG_METRICS_FOLDER_MADE"] = "1"
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for stale in Path(folder).glob("*.db"):
+        stale.unlink()
+
+
+def on_exit(server) -> None:
+    if os.environ.get("SEG_METRICS_FOLDER_MADE") == "1":
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
+
+def child_exit(server, worker) -> None:
+    """A dead worker's gauges (requests in flight, the model it served) must stop counting, and
+    serve.py must not count it as ready."""
+    from prometheus_client import multiprocess
+    multiprocess.mark_process_dead(worker.pid)
+    ready = os.environ.get("SEG_READY_DIR")
+    if ready:
+        (Path(ready) / str(worker.pid)).unlink(missing_ok=True)
 
 
 def is_loopback_bind(bind: str) -> bool:
@@ -46,7 +84,9 @@ def is_loopback_bind(bind: str) -> bool:
 def when_ready(server) -> None:
     """Say so, loudly, when strangers on the network can use the service (or its page) without a token.
     Here, in the master, nothing of the app is imported: the master never loads torch."""
-    open_binds = [address for address in server.cfg.bind if not is_loopback_bind(address)]
+    # Behind serve.py's front gunicorn binds a private socket; the address clients reach is the front's.
+    public = os.environ.get("SEG_PUBLIC_BIND")
+    open_binds = [address for address in ([public] if public else server.cfg.bind) if not is_loopback_bind(address)]
     if not open_binds:
         return
     if not os.environ.get("SEG_API_TOKEN"):
@@ -61,6 +101,9 @@ def post_fork(server, worker) -> None:
     """Number the worker for app/settings.py's default device (GPU i mod n).  worker.age counts the
     workers the arbiter has started, from 1, so a restarted worker takes the next GPU in turn."""
     os.environ["SEG_WORKER_INDEX"] = str(worker.age - 1)
+    if worker.age > server.cfg.workers:
+        from app.metrics import WORKER_RESTARTS
+        WORKER_RESTARTS.inc()
 
 
 def post_worker_init(worker) -> None:
@@ -80,3 +123,6 @@ def post_worker_init(worker) -> None:
         worker.log.error("cannot serve: %s (set SEG_CHECKPOINT to a checkpoint made by train.py)", error)
         sys.exit(4)
     worker.log.info("worker %s: model loaded from %s", worker.pid, app.config["CHECKPOINT"])
+    ready = os.environ.get("SEG_READY_DIR")
+    if ready:  # serve.py's rolling reload retires the old workers once the new ones are here
+        (Path(ready) / str(worker.pid)).touch()

@@ -19,6 +19,7 @@ from flask import (
 from PIL import Image
 from werkzeug.exceptions import HTTPException, SecurityError
 
+from app import metrics, request_ids
 from app.api_options import ApiOptions, parse_api_options
 from app.coco_rle import class_rles
 from app.results import ResultFiles, ResultsFull, ensure_room, is_result_name, media_type, prune_results
@@ -36,11 +37,16 @@ def segmenter() -> Segmenter:
 
 
 def wants_json() -> bool:
-    return request.path.startswith(("/json", "/api", "/healthz", "/readyz", "/results"))
+    return request.path.startswith(("/json", "/api", "/healthz", "/readyz", "/results", "/metrics"))
+
+
+def error_json(message: str) -> Response:
+    """The API's error body; the request id lets the operator find the request in the log."""
+    return jsonify(error=message, request_id=request_ids.current())
 
 
 def token_refused() -> tuple[Response, int, dict]:
-    response = jsonify(error="missing or wrong API token (send 'Authorization: Bearer <token>')")
+    response = error_json("missing or wrong API token (send 'Authorization: Bearer <token>')")
     return response, 401, {"WWW-Authenticate": "Bearer"}
 
 
@@ -49,12 +55,14 @@ def segment_and_store(options: ApiOptions, keep_photo: bool = False) -> tuple[Se
     JSON and, when ``keep_photo``, the photo) all or nothing; then prune old results.  Returns the
     result, its files and the API's answer."""
     config = current_app.config
-    image = decode_image(upload_bytes(request), config["MAX_PIXELS"])
+    data = upload_bytes(request)
+    with metrics.stage("decode"):
+        image = decode_image(data, config["MAX_PIXELS"])
     files = ResultFiles(Path(config["RESULTS_DIR"]))
     ensure_room(files.folder, image.width * image.height, config["RESULTS_MIN_FREE_BYTES"])  # before the forward
     check_forwards(options.strategy, image, config["MAX_FORWARDS"])
     result = segmenter().segment(image, options.strategy)
-    with files.writing():
+    with files.writing(), metrics.stage("store"):
         files.save_jpeg("overlay", result.overlay)  # first: pruning dates a result by its overlay
         files.save_mask(result.class_map)
         if keep_photo:
@@ -66,6 +74,14 @@ def segment_and_store(options: ApiOptions, keep_photo: bool = False) -> tuple[Se
     return result, files, answer
 
 
+def query_options() -> ApiOptions:
+    """The query's options; a bad one is refused as such (its reason in the metrics)."""
+    try:
+        return parse_api_options(request.args)
+    except UploadError as error:
+        raise UploadError(str(error), error.status, "bad_query") from error
+
+
 def check_forwards(strategy: Strategy, image: Image.Image, limit: int) -> None:
     """Slide mode and TTA multiply a request's forwards: bounded, so that one request cannot hold a
     worker for minutes."""
@@ -73,7 +89,8 @@ def check_forwards(strategy: Strategy, image: Image.Image, limit: int) -> None:
     forwards = strategy.forwards((image.height, image.width), predictor.input_size, predictor.num_classes)
     if forwards > limit:
         raise UploadError(f"mode={strategy.mode}, tta={strategy.tta} on a {image.width}x{image.height} image needs "
-                          f"{forwards} network passes; this service allows {limit} (a smaller scale, or no tta)", 413)
+                          f"{forwards} network passes; this service allows {limit} (a smaller scale, or no tta)", 413,
+                          "too_many_forwards")
 
 
 def result_url(files: ResultFiles, kind: str, external: bool = True) -> str:
@@ -131,7 +148,7 @@ def json_page():
 def json_segment():
     if not token_ok():
         return token_refused()
-    options = parse_api_options(request.args)  # before the upload is read: a bad query costs nothing
+    options = query_options()  # before the upload is read: a bad query costs nothing
     _, _, answer = segment_and_store(options)
     return Response(answer, mimetype="application/json")
 
@@ -165,6 +182,13 @@ def readyz():
     return jsonify(ready=ready), 200 if ready else 503
 
 
+@blueprint.get("/metrics")
+def prometheus_metrics():
+    if not token_ok():  # the counts say how the service is used: not for strangers when a token is set
+        return token_refused()
+    return metrics.exposition()
+
+
 @blueprint.get("/api/model")
 def model_info():
     if not token_ok():  # it may load the model: no stranger should be able to make a worker do that
@@ -177,24 +201,26 @@ def register_error_handlers(app: Flask) -> None:
 
     def respond(message: str, status: int):
         if wants_json():
-            return jsonify(error=message), status
+            return error_json(message), status
         action = url_for("main.json_segment") if request.path.startswith("/json") else url_for("main.page")
         return render_page(action, status, error=message)
 
     @app.errorhandler(UploadError)
     def upload_error(error: UploadError):
+        metrics.refused(error.reason)
         return respond(str(error), error.status)
 
     @app.errorhandler(ResultsFull)
     def results_full(error: ResultsFull):
         app.logger.error("results not stored: %s", error)
+        metrics.refused("disk_full")
         return respond(str(error), 507)
 
     @app.errorhandler(SecurityError)
     def untrusted_host(error: SecurityError):
         message = "the Host header names no host this service answers for (SEG_ALLOWED_HOSTS)"
         if wants_json():
-            return jsonify(error=message), 400
+            return error_json(message), 400
         # Plain text: a page would need URLs, and the only host to build them from is the one refused.
         return message + "\n", 400, {"Content-Type": "text/plain; charset=utf-8"}
 
@@ -202,6 +228,7 @@ def register_error_handlers(app: Flask) -> None:
     def http_error(error: HTTPException):
         if error.code == 413:
             limit = app.config["MAX_CONTENT_LENGTH"]
+            metrics.refused("too_many_bytes")
             return respond(f"upload too large: the limit is {limit:,} bytes", 413)
         return respond(error.description or error.name, error.code or 500)
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from app import metrics
 from utils.drawing import render_overlay
+from utils.fileio import file_sha256
 from utils.inference.predictor import Predictor
 from utils.inference.summary import summarize
 from utils.inference.tiling import WHOLE, Strategy
@@ -38,6 +40,7 @@ class Segmenter:
         self.precision = precision
         self.compiled = compiled
         self._predictor: Predictor | None = None
+        self.sha256: str | None = None  # of the file loaded, which a reload may have replaced since
         self._load_lock = threading.Lock()
         # One forward at a time per worker: parallel forwards would only fight over the same cores.
         self._forward_lock = threading.Lock()
@@ -52,22 +55,29 @@ class Segmenter:
                 self._predictor = Predictor.from_checkpoint(self.checkpoint, device=self.device, threads=self.threads,
                                                             precision=self.precision, compiled=self.compiled,
                                                             backend=self.backend)
+                # After the load, so that a missing or broken file is the loader's one clear error.
+                self.sha256 = file_sha256(self.checkpoint)
+                metrics.model_loaded(self._described(self._predictor))
         return self._predictor
 
     def segment(self, image: Image.Image, strategy: Strategy = WHOLE) -> Segmentation:
         predictor = self.load()
         started = time.perf_counter()
-        with self._forward_lock:
+        with self._forward_lock, metrics.stage("forward"):
             prediction = predictor.predict(image, strategy)
-        classes = summarize(prediction, predictor.class_names)
-        overlay = render_overlay(image, prediction.class_map)
+        with metrics.stage("postprocess"):
+            classes = summarize(prediction, predictor.class_names)
+            overlay = render_overlay(image, prediction.class_map)
         return Segmentation(classes, prediction.class_map, overlay, image.width, image.height,
                             round((time.perf_counter() - started) * 1000, 1))
 
     def describe(self) -> dict:
-        predictor = self.load()
+        return self._described(self.load())
+
+    def _described(self, predictor: Predictor) -> dict:
         meta = predictor.meta
         return {"architecture": meta["arch"], "arch_args": meta["arch_args"], "checkpoint": Path(self.checkpoint).name,
+                "checkpoint_sha256": self.sha256,
                 "classes": meta["class_names"], "num_classes": meta["num_classes"],
                 "input_size": meta["input_size"], "device": str(predictor.device), "backend": predictor.backend,
                 "precision": predictor.precision,

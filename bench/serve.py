@@ -2,6 +2,7 @@
 
     python bench/serve.py [--checkpoint FILE] [--settings 2x1,1x2,2x2] [--clients 4] [--duration 30]
     python bench/serve.py --url http://127.0.0.1:8000 [--checkpoint FILE]
+    python bench/serve.py --front --settings 2x2 --bad-every 5 --duration 60   # the soak, through the front
 
 For each setting WORKERSxTHREADS it starts gunicorn (app/gunicorn.conf.py) on a free 127.0.0.1
 port with that many workers and torch threads per worker, waits until every worker has loaded
@@ -9,7 +10,10 @@ the model, warms up, then runs N clients that POST the same 640x480 JPEG to /jso
 time.  Prints requests/s, p50/p95/p99 latency, errors and the workers' RSS before and after;
 and, measured before any server starts, the bare forward of that photo in one thread, so that
 throughput is compared with the machine's capacity (cores / forward time).  With --url it
-loads an already running service instead (no RSS).  Last line: ``ratio: X.XX``, the best
+loads an already running service instead (no RSS).  --front starts it as `make run` does
+(serve.py: nginx in front of gunicorn); --bad-every N makes every Nth request of each client a bad
+upload (in turn: not an image, a truncated JPEG, an empty file, a bad query), which must get its
+4xx; anything else counts as an error.  Last line: ``ratio: X.XX``, the best
 throughput over that capacity (goal >= 0.8).
 """
 from __future__ import annotations
@@ -39,11 +43,16 @@ TAIL_GOAL = 3.0  # p99 / p50
 MAX_REQUESTS = 100_000  # a bound on any one run, whatever the duration
 
 
+# Bad uploads of the soak, each with the status it must get.
+BAD_UPLOADS = ((b"this is not an image", "", 415), (None, "", 400), (b"", "", 400), (b"jpeg", "?rle=2", 400))
+
+
 @dataclasses.dataclass
 class LoadResult:
     latencies: list[float]  # seconds, successful requests only, ascending
     errors: int
     seconds: float
+    bad: int = 0  # bad uploads answered with the right 4xx
 
     @property
     def requests_per_second(self) -> float:
@@ -72,17 +81,18 @@ class Service:
     checkout whose app it runs (another one compares versions)."""
 
     def __init__(self, checkpoint: str, workers: int, threads: int, precision: str, results: Path,
-                 root: Path = ROOT) -> None:
+                 root: Path = ROOT, front: bool = False) -> None:
         self.port = free_port()
         environment = dict(os.environ, SEG_CHECKPOINT=checkpoint, SEG_RESULTS_DIR=str(results),
                            SEG_BIND=f"127.0.0.1:{self.port}", SEG_WORKERS=str(workers), SEG_THREADS=str(threads),
                            SEG_PRECISION=precision, SEG_LOG_LEVEL="info")
         self.workers = workers
         self.loaded = 0
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "--access-logfile", "/dev/null",
-             "app:create_app()"], cwd=root, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True)
+        command = ([sys.executable, "serve.py"] if front else
+                   [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "--access-logfile", "/dev/null",
+                    "app:create_app()"])
+        self.process = subprocess.Popen(command, cwd=root, env=environment, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)
         threading.Thread(target=self._count_loaded_workers, daemon=True).start()
 
     @property
@@ -102,16 +112,12 @@ class Service:
             time.sleep(0.2)
 
     def worker_pids(self) -> list[int]:
-        """gunicorn's children: the processes whose parent (field 4 of /proc/<pid>/stat) is the master."""
-        pids = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:  # the process ended while we looked
-                continue
-            if int(fields[1]) == self.process.pid:
-                pids.append(int(stat.parent.name))
-        return sorted(pids)
+        """gunicorn's workers: the master's children (behind the front, the master is serve.py's child)."""
+        master = self.process.pid
+        for child in children(master):
+            if b"gunicorn" in Path(f"/proc/{child}/cmdline").read_bytes():
+                master = child
+        return children(master)
 
     def rss_mb(self) -> list[float]:
         """Resident memory of each worker (VmRSS in /proc/<pid>/status)."""
@@ -130,35 +136,64 @@ class Service:
         self.process.wait(timeout=60)
 
 
-def load(url: str, jpeg: bytes, clients: int, seconds: float) -> LoadResult:
-    """``clients`` loops posting ``jpeg`` until ``seconds`` have passed (or MAX_REQUESTS in all)."""
+def children(pid: int) -> list[int]:
+    """The processes whose parent (field 4 of /proc/<pid>/stat) is ``pid``."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            pids.append(int(stat.parent.name))
+    return sorted(pids)
+
+
+def post(url: str, jpeg: bytes, bad: int | None) -> tuple[bool, bool]:
+    """POST the photo, or bad upload number ``bad``; returns (answered as it must be, was bad)."""
+    if bad is None:
+        data, query, status = jpeg, "", 200
+    else:
+        data, query, status = BAD_UPLOADS[bad % len(BAD_UPLOADS)]
+        data = jpeg[: len(jpeg) // 3] if data is None else data  # None: the photo, truncated
+    try:
+        response = requests.post(url + "/json" + query, files={"file": ("photo.jpg", data)}, timeout=120)
+        return response.status_code == status, bad is not None
+    except requests.RequestException:
+        return False, bad is not None
+
+
+def load(url: str, jpeg: bytes, clients: int, seconds: float, bad_every: int = 0) -> LoadResult:
+    """``clients`` loops posting ``jpeg`` until ``seconds`` have passed (or MAX_REQUESTS in all);
+    ``bad_every``: every so many requests of a client is a bad upload instead."""
     deadline = time.monotonic() + seconds
     budget = threading.Semaphore(MAX_REQUESTS)
     lock = threading.Lock()
     latencies: list[float] = []
-    errors = [0]
+    counts = {"errors": 0, "bad": 0}
 
     def client() -> None:
         # A new connection per request, as from a proxy or many browsers: a kept-alive connection
         # would pin each client to one worker, so 4 clients could load 2 workers 3:1 for the whole run.
+        sent = 0
         while time.monotonic() < deadline and budget.acquire(blocking=False):
+            sent += 1
+            bad = sent // bad_every if bad_every and sent % bad_every == 0 else None
             started = time.perf_counter()
-            try:
-                response = requests.post(url + "/json", files={"file": ("photo.jpg", jpeg)}, timeout=120)
-                ok = response.status_code == 200
-            except requests.RequestException:
-                ok = False
+            ok, was_bad = post(url, jpeg, bad)
             with lock:
-                if ok:
-                    latencies.append(time.perf_counter() - started)
+                if not ok:
+                    counts["errors"] += 1
+                elif was_bad:
+                    counts["bad"] += 1
                 else:
-                    errors[0] += 1
+                    latencies.append(time.perf_counter() - started)
 
     started = time.monotonic()
     with ThreadPoolExecutor(clients) as pool:
         for _ in range(clients):
             pool.submit(client)
-    return LoadResult(sorted(latencies), errors[0], time.monotonic() - started)
+    return LoadResult(sorted(latencies), counts["errors"], time.monotonic() - started, counts["bad"])
 
 
 def report(label: str, result: LoadResult, capacity: float, rss: tuple[list[float], list[float]] | None) -> None:
@@ -171,16 +206,16 @@ def report(label: str, result: LoadResult, capacity: float, rss: tuple[list[floa
     rate = result.requests_per_second
     print(f"{label:<10}{rate:>7.2f} req/s ({rate / capacity:.2f} x capacity)"
           f"  p50 {p50:6.0f}  p95 {p95:6.0f}  p99 {p99:6.0f} ms (p99/p50 {p99 / p50:.2f})"
-          f"  errors {result.errors}  requests {len(result.latencies)}{memory}")
+          f"  errors {result.errors}  requests {len(result.latencies)}  bad ones answered {result.bad}{memory}")
 
 
 def run_setting(setting: str, args: argparse.Namespace, jpeg: bytes, capacity: float, results: Path) -> float:
     workers, threads = (int(part) for part in setting.lower().split("x"))
-    with Service(args.checkpoint, workers, threads, args.precision, results) as service:
+    with Service(args.checkpoint, workers, threads, args.precision, results, front=args.front) as service:
         service.wait_until_loaded()
         load(service.url, jpeg, args.clients, args.warmup)
         before = service.rss_mb()
-        result = load(service.url, jpeg, args.clients, args.duration)
+        result = load(service.url, jpeg, args.clients, args.duration, args.bad_every)
         report(f"{workers}x{threads}", result, capacity, (before, service.rss_mb()))
     return result.requests_per_second
 
@@ -194,6 +229,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30, help="seconds of load per setting")
     parser.add_argument("--warmup", type=float, default=5, help="seconds of unrecorded load first")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"), help="SEG_PRECISION")
+    parser.add_argument("--front", action="store_true", help="start serve.py (nginx in front), as make run does")
+    parser.add_argument("--bad-every", type=int, default=0, help="every Nth request of a client is a bad upload")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     args = parser.parse_args()
@@ -209,7 +246,7 @@ def main() -> None:
           f"{capacity:.2f} req/s")
     if args.url:
         load(args.url, jpeg, args.clients, args.warmup)
-        result = load(args.url, jpeg, args.clients, args.duration)
+        result = load(args.url, jpeg, args.clients, args.duration, args.bad_every)
         report("--url", result, capacity, None)
         best = result.requests_per_second
     else:

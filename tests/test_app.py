@@ -388,7 +388,8 @@ def test_internal_errors_are_short_500s(client, monkeypatch):
     monkeypatch.setattr(segmenter, "segment", lambda image, strategy: 1 / 0)
     response = post_file(client, encoded(photo()))
     assert response.status_code == 500
-    assert response.get_json() == {"error": "internal error: the request could not be processed"}
+    assert response.get_json() == {"error": "internal error: the request could not be processed",
+                                   "request_id": response.headers["X-Request-ID"]}
 
 
 def test_unknown_routes_and_methods_answer_in_kind(client):
@@ -469,6 +470,8 @@ def test_responses_match_the_openapi_document(make_client, monkeypatch):
         ("/api/model", "get", client.get("/api/model", headers=token)),
         ("/api/model", "get", client.get("/api/model")),
         ("/openapi.json", "get", client.get("/openapi.json")),
+        ("/metrics", "get", client.get("/metrics", headers=token)),
+        ("/metrics", "get", client.get("/metrics")),
     ]
     monkeypatch.setattr("app.results.free_bytes", lambda folder: 0)
     exchanges.append(("/json", "post", post_file(client, small, headers=token)))  # 507

@@ -20,8 +20,8 @@ from app import settings
 from app.results import SUFFIXES, WRITE_GRACE_S, ResultFiles, prune_results
 from app.security import CONTENT_SECURITY_POLICY
 from tests.conftest import ROOT
+from tests.servers import free_port
 from tests.test_app import encoded, local, photo, post_file
-from tests.test_serving import free_port
 
 TOKEN = {"Authorization": "Bearer s3cret"}
 
@@ -239,7 +239,7 @@ def test_loopback_binds_are_told_apart(monkeypatch, bind, loopback):
 
 
 def gunicorn_settings(monkeypatch, **environment):
-    for name in ("SEG_BIND", "SEG_API_TOKEN", "SEG_PAGE_PUBLIC"):
+    for name in ("SEG_BIND", "SEG_API_TOKEN", "SEG_PAGE_PUBLIC", "SEG_PUBLIC_BIND"):
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
@@ -268,9 +268,18 @@ def test_gunicorn_binds_loopback_unless_told_and_warns_when_open_without_a_token
     assert warnings_at_start(public, ["127.0.0.1:8000"]) == []
 
 
+def test_behind_the_front_the_warning_is_about_the_front_s_address(monkeypatch):
+    socket = ["unix:/tmp/seg-serve-x/gunicorn.sock"]
+    assert warnings_at_start(gunicorn_settings(monkeypatch, SEG_PUBLIC_BIND="127.0.0.1:8000"), socket) == []
+    warned = warnings_at_start(gunicorn_settings(monkeypatch, SEG_PUBLIC_BIND="0.0.0.0:8000"), socket)
+    assert "listening on 0.0.0.0:8000 with no SEG_API_TOKEN" in warned[0]
+
+
 def test_a_real_gunicorn_on_every_interface_says_so_in_its_log(tiny_checkpoint, tmp_path):
     environment = dict(os.environ, SEG_CHECKPOINT=str(tiny_checkpoint), SEG_RESULTS_DIR=str(tmp_path / "results"),
-                       SEG_BIND=f"0.0.0.0:{free_port()}", SEG_WORKERS="1", SEG_LOAD_MODEL_AT_START="0")
+                       SEG_BIND=f"0.0.0.0:{free_port()}", SEG_WORKERS="1", SEG_LOAD_MODEL_AT_START="0",
+                       # Killed outright below, gunicorn cannot remove a metrics folder it made itself.
+                       PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"))
     environment.pop("SEG_API_TOKEN", None)
     process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "app:create_app()"],
                                cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -284,3 +293,22 @@ def test_a_real_gunicorn_on_every_interface_says_so_in_its_log(tiny_checkpoint, 
         os.killpg(process.pid, signal.SIGKILL)  # master and worker: nothing of this server is needed any more
         process.wait(timeout=30)
     assert any("with no SEG_API_TOKEN: anyone who can reach this address" in line for line in lines), lines
+
+
+def test_gunicorn_gives_the_metrics_a_fresh_folder_and_removes_the_one_it_made(monkeypatch, tmp_path):
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "SEG_METRICS_FOLDER_MADE"):
+        monkeypatch.setenv(name, "")  # empty is unset; whatever the hooks set is undone after the test
+    hooks = gunicorn_settings(monkeypatch)
+    hooks.on_starting(None)
+    made = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    assert made.is_dir() and not list(made.iterdir())
+    hooks.on_exit(None)
+    assert not made.exists()
+    named = tmp_path / "metrics"
+    named.mkdir()
+    (named / "counter_123.db").write_bytes(b"a previous run")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(named))
+    monkeypatch.setenv("SEG_METRICS_FOLDER_MADE", "")
+    hooks.on_starting(None)
+    hooks.on_exit(None)
+    assert named.is_dir() and not list(named.iterdir())  # emptied of stale values, and kept

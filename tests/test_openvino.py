@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import requests
 
+from tests.servers import gunicorn, jpeg
 from tests.test_app import encoded, photo, post_file
 from tests.test_predictor import noise_image
-from tests.test_serving import gunicorn, jpeg
 from tests.tiny_checkpoint import make_checkpoint
 from utils.fileio import file_sha256
 from utils.inference import openvino_runtime

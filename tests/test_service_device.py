@@ -9,6 +9,7 @@ import torch
 
 import app.segmenter
 from app import create_app, settings
+from app.metrics import WORKER_RESTARTS
 from tests.conftest import ROOT
 
 
@@ -45,12 +46,16 @@ def test_a_device_this_host_lacks_stops_with_one_line(gpus, monkeypatch, value):
         settings.from_environment()
 
 
-def test_gunicorn_numbers_each_worker_from_zero(monkeypatch):
+def test_gunicorn_numbers_each_worker_from_zero_and_counts_restarts(monkeypatch):
     monkeypatch.setenv("SEG_THREADS", "1")  # the file sets a default for it; keep the environment as it was
     monkeypatch.setenv("SEG_WORKER_INDEX", "unset")
     hooks = runpy.run_path(str(ROOT / "app" / "gunicorn.conf.py"))
-    hooks["post_fork"](None, SimpleNamespace(age=3))
-    assert settings._int("SEG_WORKER_INDEX", -1) == 2
+    server = SimpleNamespace(cfg=SimpleNamespace(workers=2))
+    restarts = WORKER_RESTARTS._value.get()
+    hooks["post_fork"](server, SimpleNamespace(age=2))
+    assert settings._int("SEG_WORKER_INDEX", -1) == 1 and WORKER_RESTARTS._value.get() == restarts
+    hooks["post_fork"](server, SimpleNamespace(age=3))  # one more than the workers: a replacement
+    assert settings._int("SEG_WORKER_INDEX", -1) == 2 and WORKER_RESTARTS._value.get() == restarts + 1
 
 
 def test_the_worker_loads_its_model_on_the_chosen_device(gpus, monkeypatch, tmp_path):
@@ -58,6 +63,9 @@ def test_the_worker_loads_its_model_on_the_chosen_device(gpus, monkeypatch, tmp_
     monkeypatch.setenv("SEG_WORKER_INDEX", "1")
     asked = {}
     monkeypatch.setattr(app.segmenter.Predictor, "from_checkpoint", lambda path, **options: asked.update(options))
+    # The stub predictor (None) has nothing to describe to the metrics.
+    monkeypatch.setattr(app.segmenter.Segmenter, "_described", lambda self, predictor: {})
+    monkeypatch.setattr(app.segmenter.metrics, "model_loaded", lambda description: None)
     service = create_app({"RESULTS_DIR": str(tmp_path), "LOAD_MODEL_AT_START": False})
     service.extensions["segmenter"].load()
     assert asked["device"] == "cuda:1"

@@ -1,21 +1,15 @@
-"""The service for real: gunicorn on a loopback port under concurrent clients, and a browser
-(headless Chromium: the enhanced page, and the plain form without JavaScript).
+"""The service for real, as `make run` starts it (nginx in front of gunicorn) on a loopback port:
+under concurrent clients, and in a browser (headless Chromium: the enhanced page, and the plain
+form without JavaScript).
 
 The browser tests save screenshots in save/screenshots/ (ignored by git) to look at."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,62 +17,15 @@ import requests
 from PIL import Image
 
 from tests.conftest import ROOT
-from tests.tiny_checkpoint import make_checkpoint
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_ready(url: str, process: subprocess.Popen, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited early: {process.stderr.read() if process.stderr else ''}")
-        try:
-            if requests.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:  # not listening yet, or workers still starting
-            pass
-        time.sleep(0.25)
-    raise AssertionError("server did not become ready")
-
-
-@contextlib.contextmanager
-def gunicorn(folder: Path, **settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """gunicorn with 2 workers serving a tiny checkpoint in ``folder`` (``settings``: more SEG_*
-    variables); yields its base URL and the process, whose stderr is a pipe."""
-    port = free_port()
-    environment = dict(os.environ, SEG_CHECKPOINT=str(make_checkpoint(folder / "tiny.pth", varied=True)),
-                       SEG_RESULTS_DIR=str(folder / "results"), SEG_BIND=f"127.0.0.1:{port}",
-                       SEG_WORKERS="2", SEG_THREADS="1", **settings)
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "app:create_app()"],
-                               cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url, process)
-        yield url, process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+from tests.servers import front, jpeg
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """gunicorn with 2 workers serving the tiny checkpoint; yields its base URL."""
-    with gunicorn(tmp_path_factory.mktemp("served"), SEG_THREADS_PER_WORKER="2") as (url, _):
-        yield url
-
-
-def jpeg(width: int, height: int, seed: int, smooth: bool = False) -> bytes:
-    """Noise; ``smooth``: blurred blobs, in which the tiny model finds regions a person can see."""
-    shape = (height // 10 + 2, width // 10 + 2, 3) if smooth else (height, width, 3)
-    image = Image.fromarray(np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8))
-    buffer = io.BytesIO()
-    image.resize((width, height), Image.Resampling.BICUBIC).save(buffer, format="JPEG")
-    return buffer.getvalue()
+    """The service as `make run` starts it (nginx in front of gunicorn), 2 workers x 2 threads on
+    the tiny checkpoint; yields its base URL."""
+    with front(tmp_path_factory.mktemp("served"), SEG_THREADS_PER_WORKER="2") as server:
+        yield server.url
 
 
 def test_gunicorn_answers_concurrent_clients_correctly(served):
