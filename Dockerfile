@@ -25,4 +25,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"
 # The launcher of `make run`: SIGTERM (docker stop) stops both, SIGHUP (docker kill -s HUP) reloads the model.
-CMD ["python", "serve.py"]
+CMD ["python", "app/serve.py"]

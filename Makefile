@@ -11,10 +11,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 # The service on the shipped default model (save/default/model.pth), at http://127.0.0.1:8000/:
-# nginx in front of gunicorn (serve.py; needs Debian's nginx: apt-get install nginx).
+# nginx in front of gunicorn (app/serve.py; needs Debian's nginx: apt-get install nginx).
 # SEG_CHECKPOINT=... serves another checkpoint; SEG_BIND=0.0.0.0:8000 listens on every interface.
 run: $(STAMP)
-	$(PYTHON) serve.py
+	$(PYTHON) app/serve.py
 
 # Flask's development server, one process.
 dev: $(STAMP)

@@ -1,6 +1,6 @@
 """Development server: ``python app/main.py --host 127.0.0.1 --port 5000``.
 
-Production runs ``python serve.py`` (``make run``) instead: nginx in front of gunicorn.
+Production runs ``python app/serve.py`` (``make run``) instead: nginx in front of gunicorn.
 The checkpoint comes from ``SEG_CHECKPOINT`` (default: the shipped model in save/default/).
 """
 from __future__ import annotations

@@ -88,7 +88,7 @@ class Service:
                            SEG_PRECISION=precision, SEG_LOG_LEVEL="info")
         self.workers = workers
         self.loaded = 0
-        command = ([sys.executable, "serve.py"] if front else
+        command = ([sys.executable, "app/serve.py"] if front else
                    [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "--access-logfile", "/dev/null",
                     "app:create_app()"])
         self.process = subprocess.Popen(command, cwd=root, env=environment, stdout=subprocess.DEVNULL,

@@ -32,7 +32,7 @@ from benchlib import ROOT, background_load, machine, percentile, photo_jpeg
 from app.settings import DEFAULT_CHECKPOINT
 
 COMMANDS = {"gunicorn": [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn.conf.py", "app:create_app()"],
-            "front": [sys.executable, "serve.py"]}
+            "front": [sys.executable, "app/serve.py"]}
 BYTE_EVERY_S = 2.0
 CLIENT_TIMEOUT_S = 20
 P99_GOAL = 2.0  # loaded p99 / unloaded p99

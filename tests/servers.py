@@ -103,7 +103,7 @@ def front(folder: Path, **settings: str) -> Iterator[Front]:
     """The service as `make run` starts it (serve.py), 2 workers on a tiny checkpoint in ``folder``."""
     nginx_or_skip()
     port = free_port()
-    process = subprocess.Popen([sys.executable, "serve.py"], cwd=ROOT, env=environment(folder, port, **settings),
+    process = subprocess.Popen([sys.executable, "app/serve.py"], cwd=ROOT, env=environment(folder, port, **settings),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = Front(f"http://127.0.0.1:{port}", process)
     try:

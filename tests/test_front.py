@@ -18,7 +18,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-import serve
+from app import serve
 from tests.servers import Front, front, jpeg, nginx_or_skip
 from tests.tiny_checkpoint import make_checkpoint
 from utils.fileio import file_sha256

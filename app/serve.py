@@ -1,6 +1,6 @@
 """The service as `make run` and the Docker image start it: nginx in front, gunicorn behind.
 
-    python serve.py            # SEG_BIND (127.0.0.1:8000) and every other SEG_* of README "Serving"
+    python app/serve.py        # SEG_BIND (127.0.0.1:8000) and every other SEG_* of README "Serving"
 
 gunicorn's threaded workers give a connection a request thread from its first byte to its last,
 so four clients that send slowly would hold all four threads.  nginx reads every request whole
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "app" / "nginx.conf.template"
 # What nginx may be told to listen on: host:port, [v6]:port or unix:/path; nothing that could end
 # the directive (";", "{", spaces) and so inject configuration.
