@@ -14,7 +14,7 @@ from tools import guard_precision
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.classes import COCO_CLASSES
 from utils.data.coco_convert import convert
-from utils.inference import openvino_runtime
+from utils.inference import openvino_runtime, precision_guard
 from utils.inference import predictor as predictor_module
 from utils.inference.precision_guard import (
     MAX_MIOU_DROP_POINTS,
@@ -28,6 +28,7 @@ from utils.inference.precision_guard import (
     write_guard,
 )
 from utils.inference.predictor import Predictor
+from utils.precision import cpu_kind
 
 
 @pytest.fixture
@@ -211,6 +212,17 @@ def test_each_device_and_dtype_has_its_own_verdict(tmp_path):
     assert predictor_module.choose_precision("auto", cuda, predictor_module.guard_of(checkpoint, cuda)) == "fp32"
     write_guard(checkpoint, dict(FIGURES, miou_fp16=0.5), "cuda", "fp16")
     assert predictor_module.choose_precision("auto", cuda, predictor_module.guard_of(checkpoint, cuda)) == "fp16"
+
+
+def test_a_cpu_verdict_names_its_kind_of_cpu_and_serves_on_that_kind_only(tmp_path, monkeypatch):
+    checkpoint = make_checkpoint(tmp_path / "model.pth")
+    write_guard(checkpoint, dict(FIGURES, miou_bf16=0.5))
+    write_guard(checkpoint, dict(FIGURES, miou_fp16=0.5), "cuda", "fp16")
+    assert read_guard(checkpoint)["cpu"] == cpu_kind() and "cpu" not in read_guard(checkpoint, "cuda", "fp16")
+    assert precision_allowed(checkpoint, "cpu", "bf16") and precision_allowed(checkpoint, "cuda", "fp16")
+    monkeypatch.setattr(precision_guard, "cpu_kind", lambda: "some other cpu")
+    assert not precision_allowed(checkpoint, "cpu", "bf16")
+    assert precision_allowed(checkpoint, "cuda", "fp16")  # a GPU verdict is the GPU's
 
 
 def test_a_record_from_before_verdicts_per_device_is_the_cpu_bf16_verdict(tmp_path, native_bf16):

@@ -20,6 +20,7 @@ from utils.inference import openvino_runtime
 from utils.inference.openvino_runtime import PrecisionRefused, int8_xml
 from utils.inference.precision_guard import guard_path, read_guard, write_guard
 from utils.inference.predictor import Predictor
+from utils.precision import cpu_kind
 
 pytest.importorskip("nncf", reason="quantization needs NNCF (requirements.txt)")
 
@@ -149,3 +150,24 @@ def test_the_service_serves_the_guarded_int8_ir_and_says_so(quantized, tmp_path)
     assert (described["backend"], described["precision"]) == ("openvino", "int8")
     answer = post_file(client, encoded(photo()))
     assert answer.status_code == 200 and answer.get_json()["classes"]
+
+
+@pytest.mark.parametrize("measured_on", ["avx2", None], ids=["another-cpu", "unnamed"])
+def test_a_passing_int8_verdict_from_another_kind_of_cpu_is_not_honoured(tmp_path, quantized, measured_on, caplog):
+    """INT8 and bf16 kernels round differently on AVX2, VNNI, BF16 and AMX CPUs: a verdict judges its own kind."""
+    checkpoint = tmp_path / "model.pth"
+    checkpoint.write_bytes(quantized.read_bytes())
+    for suffix in (".xml", ".bin"):
+        int8_xml(checkpoint).with_suffix(suffix).write_bytes(int8_xml(quantized).with_suffix(suffix).read_bytes())
+    digests = {key: read_guard(quantized, "openvino", "int8")[key] for key in ("xml_sha256", "bin_sha256")}
+    write_guard(checkpoint, dict(PASSING, **digests), "openvino", "int8")
+    assert Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto").precision == "int8"
+    record = json.loads(guard_path(checkpoint).read_text())
+    if measured_on is None:
+        del record["verdicts"]["openvino/int8"]["cpu"]
+    else:
+        record["verdicts"]["openvino/int8"]["cpu"] = "other" if cpu_kind() == measured_on else measured_on
+    guard_path(checkpoint).write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+        assert Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto").precision == "fp32"
+    assert "the INT8 verdict was measured on a" in caplog.text and f"this one is {cpu_kind()}" in caplog.text

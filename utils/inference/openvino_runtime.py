@@ -36,8 +36,8 @@ from torch import nn
 from model.export_onnx import LogitsOnly, trace_size
 from utils.errors import UserError
 from utils.fileio import file_sha256, write_text
-from utils.inference.precision_guard import passes, precision_allowed, read_guard
-from utils.precision import cpu_supports_bf16
+from utils.inference.precision_guard import measured_here, passes, precision_allowed, read_guard
+from utils.precision import cpu_kind, cpu_supports_bf16
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,10 @@ def int8_ir(checkpoint: str | os.PathLike):  # -> openvino.Model | None
         return None
     verdict = read_guard(checkpoint, GUARD_DEVICE, "int8")
     if verdict is None or not passes(verdict):
+        return None
+    if not measured_here(verdict, GUARD_DEVICE):
+        log.warning("the INT8 verdict was measured on a %s CPU, this one is %s: running fp32 (run tools/quantize.py "
+                    "here to judge it on this CPU)", verdict.get("cpu", "unnamed"), cpu_kind())
         return None
     for path, key in ((xml, "xml_sha256"), (xml.with_suffix(".bin"), "bin_sha256")):
         if not path.exists() or file_sha256(path) != verdict.get(key):

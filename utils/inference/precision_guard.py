@@ -14,7 +14,10 @@ checkpoint retrained to the same path never inherits an old verdict.
 
 A record written before verdicts were per device (the ``cpu/bf16`` fields at the top level) is
 read as the ``cpu/bf16`` verdict.  The rule is applied again when a verdict is read, so one
-measured under an older rule is judged by today's (one without a per-image figure fails).
+measured under an older rule is judged by today's (one without a per-image figure fails).  A CPU
+verdict names the kind of CPU it was measured on (utils/precision.py cpu_kind: bf16 and INT8
+kernels round differently on AVX2, AVX-512 VNNI, AVX-512 BF16 and AMX) and is honoured on that
+kind only; one without it, from before the rule, is not.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from PIL import Image
 
 from utils.evaluation.metrics import ConfusionMatrix
 from utils.fileio import file_sha256, write_text
+from utils.precision import cpu_kind
 
 # The one rule for every reduced precision: a user looks at one photo, not at the mean, so each
 # image has a floor of its own besides the mean over all pixels.
@@ -118,6 +122,8 @@ def write_guard(checkpoint: str | os.PathLike, figures: dict, device: str = "cpu
     verdict = dict(figures, ok=passes(figures), min_agreement=MIN_AGREEMENT,
                    min_image_agreement=MIN_IMAGE_AGREEMENT, max_miou_drop_points=MAX_MIOU_DROP_POINTS,
                    measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if device != "cuda":
+        verdict["cpu"] = cpu_kind()
     verdicts = dict(read_verdicts(checkpoint), **{verdict_key(device, dtype): verdict})
     record = {"checkpoint_sha256": file_sha256(checkpoint), "verdicts": verdicts}
     write_text(guard_path(checkpoint), json.dumps(record, indent=1) + "\n")
@@ -145,9 +151,18 @@ def read_guard(checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = 
     return verdict if isinstance(verdict, dict) else None
 
 
+def measured_here(verdict: dict, device: str) -> bool:
+    """Whether a verdict was measured on this kind of CPU (a GPU verdict: always)."""
+    return device == "cuda" or verdict.get("cpu") == cpu_kind()
+
+
+def honoured(verdict: dict | None, device: str) -> bool:
+    """Whether ``verdict`` lets its precision serve here: it passes, and was measured on this kind of CPU."""
+    return verdict is not None and passes(verdict) and measured_here(verdict, device)
+
+
 def precision_allowed(checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "bf16") -> bool:
-    verdict = read_guard(checkpoint, device, dtype)
-    return verdict is not None and passes(verdict)
+    return honoured(read_guard(checkpoint, device, dtype), device)
 
 
 def describe(verdict: dict, key: str, dtype: str, class_names: Sequence[str]) -> str:
@@ -155,7 +170,8 @@ def describe(verdict: dict, key: str, dtype: str, class_names: Sequence[str]) ->
     def figure(value: float | None, digits: int) -> str:
         return "undefined" if value is None else f"{value:.{digits}f}"
 
-    lines = [f"{verdict['images']} images, {verdict['pixels']:,} pixels, {key}",
+    where = f", measured on a {verdict['cpu']} CPU" if "cpu" in verdict else ""
+    lines = [f"{verdict['images']} images, {verdict['pixels']:,} pixels, {key}{where}",
              f"argmax agreement fp32 vs {dtype}: {verdict['agreement']:.4%} (needs >= {MIN_AGREEMENT:.0%}); "
              f"worst image {verdict['worst_image_agreement']:.4%} (needs >= {MIN_IMAGE_AGREEMENT:.0%}), "
              f"{verdict['images_below_floor']} images below that",
