@@ -13,7 +13,7 @@ from torch import nn
 
 from model.deeplabv3plus import DeepLabV3Plus
 from model.segnet import SegNet
-from model.smp_models import ENCODERS, deeplabv3plus_xception, smp_fpn, smp_pspnet, smp_unet
+from model.smp_models import ENCODERS, LOGIT_STRIDES, deeplabv3plus_xception, smp_fpn, smp_pspnet, smp_unet
 from model.torchvision_models import with_aux_option, without_aux_option
 from model.unet import UNet
 from model.unet_parts import ACTIVATIONS, PADDING_MODES
@@ -74,6 +74,9 @@ SMP_UNET_ARGUMENTS = (
     Argument("voc_head", None, "add DeepLab's VOC head from this DeepLabV3 MobileNetV2 VOC file (needs "
                                "mobilenet_v2 at output stride 16): its 21 class logits feed the classes of "
                                "the same names", metavar="FILE", convert=bool, recorded_at_default=False),
+    Argument("logit_stride", 1, "1: the decoder runs to full resolution; 4: it stops at 1/4 of the input and "
+                                "the logits are upsampled bilinearly (MobileNetV2: a quarter of the FLOPs)",
+             choices=LOGIT_STRIDES, recorded_at_default=False),
 )
 
 ARCHITECTURES: dict[str, Architecture] = {

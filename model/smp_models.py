@@ -14,6 +14,8 @@ from pathlib import Path
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from segmentation_models_pytorch.base import SegmentationHead
+from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from segmentation_models_pytorch.encoders.mobilenet import MobileNetV2Encoder
 from segmentation_models_pytorch.encoders.resnet import ResNetEncoder
 from segmentation_models_pytorch.encoders.vgg import VGGEncoder
@@ -29,6 +31,10 @@ ENCODERS = ("mobilenet_v2", "resnet18", "resnet34", "resnet50", "vgg16_bn")
 DILATABLE_ENCODERS = ("mobilenet_v2",)  # output stride 16 as DeepLab trained it (see dilate_encoder)
 MOBILENET_SPATIAL_BLOCKS = 18  # features[18] is a 1x1 convolution: nothing to dilate
 PSPNET_DEPTH = 3  # SMP's PSPNet reads the encoder's third stage (stride 8)
+LOGIT_STRIDES = (1, 4)
+# The U-Net decoder that stops at 1/4 of the input: three blocks, narrower than SMP's default
+# (256, 128, 64), since its first block reads the encoder's widest features.
+QUARTER_DECODER_CHANNELS = (128, 64, 32)
 
 
 def dilate_encoder(encoder: nn.Module, output_stride: int) -> None:
@@ -52,9 +58,10 @@ class AnySizeModel(nn.Module):
     """An SMP model that takes any input size: the input is zero-padded bottom/right to a multiple
     of the encoder's output stride (which SMP requires) and the logits are cropped back."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, logit_stride: int = 1) -> None:
         super().__init__()
         self.net = net
+        self.logit_stride = logit_stride
         self.encoder_batchnorm_frozen = False
         self.removed_keys: frozenset[str] = frozenset()
         self.register_load_state_dict_pre_hook(drop_removed_keys)
@@ -83,8 +90,14 @@ class AnySizeModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
-        logits = self.net(pad_to_multiple(images, self.encoder.output_stride))
-        return logits[..., :height, :width]
+        padded = pad_to_multiple(images, self.encoder.output_stride)
+        return self.to_input_size(self.net(padded), padded)[..., :height, :width]
+
+    def to_input_size(self, logits: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+        """Logits computed at 1/logit_stride of the input, upsampled bilinearly to the padded input."""
+        if self.logit_stride == 1:
+            return logits
+        return F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def drop_removed_keys(module: AnySizeModel, state_dict: dict, prefix: str, *_) -> None:
@@ -121,11 +134,10 @@ class UNetWithVOCHead(AnySizeModel):
     the model is a plain U-Net.
     """
 
-    SKIP_BLOCKS = (1, 3, 6, 13, 18)  # SMP's MobileNetV2 taps: strides 2, 4, 8, 16 and the last block
     HEAD_BLOCK = 17  # the 320 channels DeepLab's head reads
 
-    def __init__(self, net: nn.Module, num_classes: int) -> None:
-        super().__init__(net)
+    def __init__(self, net: nn.Module, num_classes: int, logit_stride: int = 1) -> None:
+        super().__init__(net, logit_stride)
         self.voc_head = VOCHead()
         self.voc_to_classes = nn.Conv2d(len(VOC_CLASSES), num_classes, 1, bias=False)
         nn.init.zeros_(self.voc_to_classes.weight)
@@ -138,7 +150,7 @@ class UNetWithVOCHead(AnySizeModel):
         features, head_features = [images], images
         for index, block in enumerate(self.encoder.features):
             images = block(images)
-            if index in self.SKIP_BLOCKS:
+            if index in self.encoder._out_indexes:  # SMP's taps: strides 2, 4, 8, 16 and the last block
                 features.append(images)
             if index == self.HEAD_BLOCK:
                 head_features = images
@@ -146,11 +158,12 @@ class UNetWithVOCHead(AnySizeModel):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
-        features, head_features = self.encode(pad_to_multiple(images, self.encoder.output_stride))
+        padded = pad_to_multiple(images, self.encoder.output_stride)
+        features, head_features = self.encode(padded)
         logits = self.net.segmentation_head(self.net.decoder(features))
         prior = self.voc_to_classes(self.voc_head(head_features))
         prior = F.interpolate(prior, size=logits.shape[-2:], mode="bilinear", align_corners=True)
-        return (logits + prior)[..., :height, :width]
+        return self.to_input_size(logits + prior, padded)[..., :height, :width]
 
 
 def load_voc_head(model: UNetWithVOCHead, path: str | os.PathLike, class_names: Sequence[str]) -> str:
@@ -196,15 +209,40 @@ def over_encoder(architecture: type[nn.Module], num_classes: int, encoder: str, 
 
 
 def smp_unet(num_classes: int, encoder: str = "mobilenet_v2", encoder_output_stride: int = 32,
-             voc_head: bool = False) -> AnySizeModel:
+             voc_head: bool = False, logit_stride: int = 1) -> AnySizeModel:
     """SMP's U-Net over ``encoder``; ``encoder_output_stride`` 16 keeps MobileNetV2's last blocks at
     1/16 of the input, dilated, as the DeepLab weights expect (the decoder then skips one upsampling);
-    ``voc_head`` adds DeepLab's VOC head (UNetWithVOCHead), for MobileNetV2 at stride 16 only."""
+    ``voc_head`` adds DeepLab's VOC head (UNetWithVOCHead), for MobileNetV2 at stride 16 only;
+    ``logit_stride`` 4 stops the decoder at 1/4 of the input (stop_decoder_at_quarter)."""
     if voc_head and (encoder, encoder_output_stride) != ("mobilenet_v2", 16):
         raise ValueError(f"the VOC head reads MobileNetV2 at output stride 16, not {encoder} at "
                          f"{encoder_output_stride}")
-    model = over_encoder(smp.Unet, num_classes, encoder, encoder_output_stride)
-    return UNetWithVOCHead(model.net, num_classes) if voc_head else model
+    if logit_stride not in LOGIT_STRIDES:
+        raise ValueError(f"logit stride must be one of {LOGIT_STRIDES}, got {logit_stride}")
+    net = over_encoder(smp.Unet, num_classes, encoder, encoder_output_stride).net
+    if logit_stride == 4:
+        stop_decoder_at_quarter(net, num_classes)
+    return UNetWithVOCHead(net, num_classes, logit_stride) if voc_head else AnySizeModel(net, logit_stride)
+
+
+def stop_decoder_at_quarter(net: smp.Unet, num_classes: int) -> None:
+    """Keep the decoder's first three blocks (down to the stride-4 skip) and put the class head there:
+    the two full- and half-resolution blocks and a 3x3 head at full resolution are three quarters
+    of a MobileNetV2 U-Net's FLOPs, while bilinear logits from 1/4 are what DeepLabV3+ serves."""
+    if isinstance(net.encoder, MobileNetV2Encoder):
+        drop_mobilenet_expansion(net.encoder)
+    net.decoder = UnetDecoder(net.encoder.out_channels, QUARTER_DECODER_CHANNELS,
+                              n_blocks=len(QUARTER_DECODER_CHANNELS))
+    net.segmentation_head = SegmentationHead(QUARTER_DECODER_CHANNELS[-1], num_classes, kernel_size=3)
+
+
+def drop_mobilenet_expansion(encoder: MobileNetV2Encoder) -> None:
+    """The decoder reads block 17's 320 channels, not block 18's 1x1 expansion to 1280: that layer
+    feeds ImageNet's classifier (DeepLab's weights do not have it), and the first decoder block
+    reading 1280 + 96 channels would cost a quarter of the model's FLOPs."""
+    encoder.features = encoder.features[:MOBILENET_SPATIAL_BLOCKS]
+    encoder._out_indexes[-1] = MOBILENET_SPATIAL_BLOCKS - 1
+    encoder._out_channels = [*encoder._out_channels[:-1], encoder.features[-1].conv[-1].num_features]
 
 
 def smp_fpn(num_classes: int, encoder: str = "mobilenet_v2") -> AnySizeModel:

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import mobilenet_v2, resnet18
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
 import train
 from model import build_model, load_pretrained, main_logits, model_meta
 from model.deeplabv3plus import DeepLabV3Plus
+from model.encoder_weights import IGNORED_SUFFIXES, load_encoder_weights
 from model.registry import ARCHITECTURES
 from utils.checkpoint import save_checkpoint
 from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -221,3 +223,32 @@ def test_models_with_batchnorm_after_global_pooling_refuse_a_batch_of_one(arch):
     with pytest.raises(TrainingError, match="cannot train on one image per batch"):
         check_options(train.parse_args(["--model", arch, "--batch-size", "1"]))
     check_options(train.parse_args(["--model", arch, "--batch-size", "2"]))
+
+
+def forward_flops(model: torch.nn.Module, size: tuple[int, int]) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.randn(1, 3, *size))
+    return counter.get_total_flops()
+
+
+# MobileNetV2 is light beside its decoder (and loses its 1x1 expansion to 1280); ResNet-18 is not.
+@pytest.mark.parametrize(("encoder", "flops_ratio"), [("mobilenet_v2", 0.3), ("resnet18", 0.6)])
+def test_smp_unet_at_logit_stride_4_answers_at_the_input_size_for_a_fraction_of_the_flops(encoder, flops_ratio):
+    quarter = seeded_model("smp_unet", encoder=encoder, logit_stride=4)
+    with torch.no_grad():
+        assert quarter.eval()(torch.randn(1, 3, *ODD_SIZE)).shape == (1, NUM_CLASSES, *ODD_SIZE)
+    full = seeded_model("smp_unet", encoder=encoder)
+    assert forward_flops(quarter, (128, 160)) < flops_ratio * forward_flops(full, (128, 160))
+
+
+def test_smp_unet_at_logit_stride_4_takes_an_imagenet_mobilenet_v2_file_but_its_1280_expansion(tmp_path):
+    model = seeded_model("smp_unet", logit_stride=4)
+    torch.manual_seed(1)
+    path = tmp_path / "mobilenet_v2.pth"
+    torch.save(mobilenet_v2(weights=None).state_dict(), path)
+    report = load_encoder_weights(model, str(path), "mobilenet_v2")
+    weights = [key for key in mobilenet_v2().state_dict() if not key.endswith(IGNORED_SUFFIXES)]
+    assert report.missing == []
+    assert report.loaded == sum(1 for key in model.encoder.state_dict() if not key.endswith(IGNORED_SUFFIXES))
+    unused = [key for key in weights if not key.startswith("features.") or key.startswith("features.18.")]
+    assert report.unused == len(unused)

@@ -129,16 +129,19 @@ def test_voc_head_starts_the_model_at_deeplabs_answer(voc_weights):
     assert student[:, COCO_CLASSES.index("truck")].abs().max() == 0
 
 
-def test_with_its_mapping_at_zero_the_voc_head_model_is_smps_own_unet():
+@pytest.mark.parametrize("logit_stride", [1, 4])
+def test_with_its_mapping_at_zero_the_voc_head_model_is_smps_own_unet(logit_stride):
     """UNetWithVOCHead.encode walks MobileNetV2's blocks itself to tap block 17 as well: its
     features must stay the ones SMP's encoder hands its decoder (an SMP upgrade could move them)."""
     torch.manual_seed(0)
     model = build_model("smp_unet", num_classes=5, encoder="mobilenet_v2", encoder_output_stride=16,
-                        voc_head=True).eval()
+                        voc_head=True, logit_stride=logit_stride).eval()
     images = torch.randn(1, 3, 70, 100)
     with torch.no_grad():
         assert model.voc_to_classes.weight.abs().max() == 0
-        torch.testing.assert_close(model(images), AnySizeModel.forward(model, images))
+        logits = model(images)
+        assert logits.shape == (1, 5, 70, 100)
+        torch.testing.assert_close(logits, AnySizeModel.forward(model, images))
 
 
 def test_a_wrong_voc_head_file_is_named_in_one_line(tmp_path):

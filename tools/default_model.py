@@ -71,13 +71,18 @@ def recipe(epochs: int, *extra: str) -> list[str]:
 IMAGENET_INIT = ("--encoder-weights", "{imagenet}")
 DEEPLAB_INIT = ("--encoder-weights", "{deeplab}", "--encoder-output-stride", "16")
 VOC_HEAD_AND_DISTILL = ("--voc-head", "{deeplab}", "--distill-from", "{deeplab}")
+QUARTER_LOGITS = ("--logit-stride", "4")  # the decoder stops at 1/4: a quarter of the FLOPs (MODEL_CARD.md)
 COMPARISON_EPOCHS = 2  # about 6 minutes each on 2 CPU cores: the settings side by side, same budget
+DEFAULT_EPOCHS = 15
 SETTINGS = {
     "scratch": recipe(COMPARISON_EPOCHS),
     "imagenet": recipe(COMPARISON_EPOCHS, *IMAGENET_INIT),
     "deeplab": recipe(COMPARISON_EPOCHS, *DEEPLAB_INIT),
     "deeplab-voc-head": recipe(COMPARISON_EPOCHS, *DEEPLAB_INIT, *VOC_HEAD_AND_DISTILL),
-    "default": recipe(15, *DEEPLAB_INIT, *VOC_HEAD_AND_DISTILL),  # the shipped model: the best, trained longer
+    "deeplab-voc-head-quarter": recipe(COMPARISON_EPOCHS, *DEEPLAB_INIT, *VOC_HEAD_AND_DISTILL, *QUARTER_LOGITS),
+    # The default model shipped until 2026-12-02: the same, with the decoder run to full resolution.
+    "full-resolution": recipe(DEFAULT_EPOCHS, *DEEPLAB_INIT, *VOC_HEAD_AND_DISTILL),
+    "default": recipe(DEFAULT_EPOCHS, *DEEPLAB_INIT, *VOC_HEAD_AND_DISTILL, *QUARTER_LOGITS),  # the shipped model
 }
 
 
