@@ -1,7 +1,7 @@
 """The recipe for the shipped default model: real COCO images from ../shared/data, our own
 converter and train.py, evaluated on coco-tiny's val split.
 
-    python tools/default_model.py [--setting imagenet] [--shared ../shared/data] [--work data/default]
+    python tools/default_model.py [--setting imagenet] [--shared ../shared/data] [--work data/default] [--resume]
 
 Steps: convert every source with cocomask_to_numpy, link images and masks into one train and
 one val folder (an image is in one split only), train,
@@ -169,6 +169,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="the exported model (default: save/default/model.pth for the default setting, "
                              "else <save-dir>/model.pth)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run from <save-dir>/last.pth (train.py --resume)")
     parser.add_argument("--int8-only", action="store_true",
                         help="only quantize the exported model and judge the INT8 IR (minutes, not an hour)")
     args = parser.parse_args()
@@ -185,7 +187,8 @@ def main() -> int:
         return quantize(out, data)
     common = [*data, "--save-dir", str(save_dir)]
     settings = train_arguments(args.setting, args.weights)
-    if train.main(common + settings + ["--train-split", "train", "--val-split", "val"]) != 0:
+    resume = ["--resume"] if args.resume else []
+    if train.main(common + settings + ["--train-split", "train", "--val-split", "val", *resume]) != 0:
         return 2
     best = save_dir / "best.pth"
     if test_script.main(["--checkpoint", str(best), "--val-split", "val"] + common) != 0:
