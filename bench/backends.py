@@ -26,7 +26,7 @@ from PIL import Image
 
 from app.uploads import decode_image
 from utils.errors import UserError
-from utils.inference.openvino_runtime import int8_xml, openvino, openvino_forward
+from utils.inference.openvino_runtime import OpenVINOForward, int8_xml, openvino
 from utils.inference.predictor import Predictor
 from utils.precision import cpu_supports_bf16
 
@@ -55,7 +55,7 @@ def refused_int8(checkpoint: str, threads: int) -> Predictor | None:
         return None
     fp32 = Predictor.from_checkpoint(checkpoint, device="cpu", threads=threads, precision="fp32", backend="openvino")
     ir = openvino().Core().read_model(str(xml))
-    refused = Predictor(fp32.model, fp32.meta, fp32.device, "int8", openvino_forward(ir, threads, "int8"), "openvino")
+    refused = Predictor(fp32.model, fp32.meta, fp32.device, "int8", OpenVINOForward(ir, threads, "int8"), "openvino")
     refused.warm_up()
     return refused
 

@@ -1,7 +1,8 @@
 """Inference speed against the machine's limit: each execution mode side by side, and the
 service path stage by stage.
 
-    python bench/infer.py [--checkpoint FILE] [--width 640 --height 480] [--repeat 10] [--service-only]
+    python bench/infer.py [--checkpoint FILE [--baseline FILE]] [--width 640 --height 480] [--repeat 10]
+                          [--service-only]
     python bench/infer.py --architectures segnet smp_fpn ... [--size 512] [--repeat 5]
 
 Without --checkpoint: the full U-Net (base width 64, random init, 91 classes) on a 512x512
@@ -14,7 +15,9 @@ service path of ``POST /json?rle=1`` (decode, preprocess, forward, argmax/confid
 summarize, overlay, JPEG encode, class-id PNG encode, RLE encode, JSON encode) with the
 precision the service would choose.  Last line: ``ratio: X.XX``, the service path of the last
 model over its compute floor (goal <= 1.5).  --service-backends torch openvino times the service
-path on each backend in the same run and prints their ratio.
+path on each backend in the same run and prints their ratio; --baseline FILE adds that
+checkpoint's service path on torch fp32 and each backend's speed-up over it (an old model
+against its successor).
 
 With --architectures: only each named registry model (default arguments, 91 classes, random
 init) with its parameter count and the median fp32 channels_last forward of one size x size image.
@@ -144,11 +147,19 @@ def service_stages(predictor: Predictor, jpeg: bytes, results: Path) -> list[tup
     def preprocess(state: dict) -> None:
         state["batch"], state["info"] = predictor.preprocess(state["image"])
 
+    # OpenVINO computes each pixel's class and confidence inside its graph, so its "forward" stage
+    # includes them and its argmax/confidence stage is empty (Predictor.class_and_confidence).
+    in_graph = hasattr(predictor.forward, "class_and_confidence")
+
     def forward(state: dict) -> None:
-        state["logits"] = predictor.forward(state["batch"])
+        if in_graph:
+            state["top"] = predictor.class_and_confidence(state["batch"])
+        else:
+            state["logits"] = predictor.forward(state["batch"])
 
     def top(state: dict) -> None:
-        state["top"] = top_class_and_confidence(state["logits"][0])
+        if not in_graph:
+            state["top"] = top_class_and_confidence(state["logits"][0])
 
     def upsample(state: dict) -> None:
         class_map, confidence = to_original_size(*state["top"], state["info"], predictor.num_classes)
@@ -216,8 +227,8 @@ def report_modes(checkpoint: Path, photo: Image.Image, repeat: int, flops: int, 
 
 
 def report_case(case: Case, repeat: int, peaks: dict[str, float], service_precision: str,
-                service_only: bool, backends: list[str]) -> float:
-    """Print one model's figures; returns its (last backend's) service path median over its compute floor."""
+                service_only: bool, backends: list[str]) -> tuple[dict[str, float], float]:
+    """Print one model's figures; returns its service path median ms per backend, and its compute floor."""
     jpeg = photo_jpeg(case.width, case.height)
     photo = decode_image(jpeg, 40_000_000)
     torch_path = Predictor.from_checkpoint(case.checkpoint, device="cpu", precision=service_precision)
@@ -238,7 +249,7 @@ def report_case(case: Case, repeat: int, peaks: dict[str, float], service_precis
     first = backends[0]
     for backend in backends[1:]:
         print(f"service path end to end, {first} / {backend}: {totals[first] / totals[backend]:.2f}x")
-    return totals[backends[-1]] / floor_ms
+    return totals, floor_ms
 
 
 def floor_precision() -> str:
@@ -290,6 +301,8 @@ def cases(args: argparse.Namespace, folder: Path) -> list[Case]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="time this checkpoint only")
+    parser.add_argument("--baseline", help="with --checkpoint: also time this checkpoint's service path on torch "
+                                           "fp32 in the same run, and print each backend's speed-up over it")
     parser.add_argument("--width", type=int, default=640, help="photo width with --checkpoint")
     parser.add_argument("--height", type=int, default=480, help="photo height with --checkpoint")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs of each mode (medians reported)")
@@ -304,6 +317,8 @@ def main() -> None:
                         help="only time these registry models' forward at --size (parameters too)")
     parser.add_argument("--size", type=int, default=512, help="image side with --architectures")
     args = parser.parse_args()
+    if args.baseline and not args.checkpoint:
+        parser.error("--baseline compares against --checkpoint: give both")
     torch.set_num_threads(args.threads)
     print(background_load() + machine())
     if args.architectures:
@@ -316,10 +331,22 @@ def main() -> None:
     skipped = "" if "bf16" in peaks else " (bf16 skipped: not native on this CPU)"
     print(f"matmul peak (4096x4096 torch.mm, {args.threads} threads): {shown}{skipped}")
     with tempfile.TemporaryDirectory() as folder:
-        ratios = [report_case(case, args.repeat, peaks, args.service_precision, args.service_only,
-                              args.service_backends)
-                  for case in cases(args, Path(folder))]
-    print(f"ratio: {ratios[-1]:.2f}")
+        results = [report_case(case, args.repeat, peaks, args.service_precision, args.service_only,
+                               args.service_backends)
+                   for case in cases(args, Path(folder))]
+    if args.baseline:
+        report_speedup(args, peaks, results[-1][0])
+    totals, floor_ms = results[-1]
+    print(f"ratio: {totals[args.service_backends[-1]] / floor_ms:.2f}")
+
+
+def report_speedup(args: argparse.Namespace, peaks: dict[str, float], totals: dict[str, float]) -> None:
+    """The baseline checkpoint's service path on torch fp32, in the same run, over each backend's."""
+    baseline = Case(f"baseline {Path(args.baseline).name}", Path(args.baseline), args.width, args.height)
+    reference = report_case(baseline, args.repeat, peaks, "fp32", True, ["torch"])[0]["torch"]
+    for backend, ms in totals.items():
+        print(f"service path end to end, baseline torch fp32 / {Path(args.checkpoint).name} {backend}: "
+              f"{reference / ms:.2f}x")
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def test_auto_is_openvino_where_the_cpu_runs_fp32_and_torch_otherwise(checkpoint
 
     def cannot(*args):
         raise RuntimeError("Check 'x' failed at src/frontends/pytorch: conversion of aten::foo\nand more")
-    monkeypatch.setattr(predictor_module, "openvino_forward", cannot)
+    monkeypatch.setattr(predictor_module, "OpenVINOForward", cannot)
     with caplog.at_level(logging.WARNING):
         served = Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto", precision="bf16")
     assert served.backend == "torch" and "the network runs on torch: Check 'x' failed" in caplog.text
@@ -214,8 +214,8 @@ def test_predict_py_runs_on_the_backend_it_is_given(checkpoint, tmp_path, monkey
     import predict
 
     forwards = []
-    real = predictor_module.openvino_forward
-    monkeypatch.setattr(predictor_module, "openvino_forward", lambda *args: forwards.append(1) or real(*args))
+    real = predictor_module.OpenVINOForward
+    monkeypatch.setattr(predictor_module, "OpenVINOForward", lambda *args: forwards.append(1) or real(*args))
     noise_image(90, 70).save(tmp_path / "photo.jpg")
     arguments = ["--checkpoint", str(checkpoint), "--input", str(tmp_path / "photo.jpg"),
                  "--out", str(tmp_path / "out")]

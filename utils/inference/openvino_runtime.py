@@ -27,9 +27,9 @@ import threading
 import time
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -223,43 +223,67 @@ def bf16_or_fp32(checkpoint: str | os.PathLike, requested: str) -> str:
     return "fp32"
 
 
-def openvino_forward(ir, threads: int | None = None,
-                     precision: str = "fp32") -> Callable[[torch.Tensor], torch.Tensor]:
-    """1 x 3 x h x w input -> 1 x C x h x w logits of the ov.Model ``ir`` on the CPU, with the
-    precision hint of ``precision`` said explicitly (on CPUs with AMX, OpenVINO would otherwise
-    choose bf16), on ``threads`` threads (default: torch's count in this process, set after
-    gunicorn's fork).  A size runs on the dynamic-shape graph until it comes back, then on a
-    graph compiled for it (STATIC_SIZES_KEPT)."""
+def with_class_and_confidence(ir):  # -> openvino.Model
+    """``ir`` with two more outputs: each pixel's class id (the argmax of its softmax, as
+    top_class_and_confidence takes it) and that probability, computed inside the runtime's graph,
+    so that a prediction never copies the C x H x W logits out (112 MB for the default model at
+    640x480) to reduce them in torch."""
     ov = openvino()
-    # No pinning: pinned, gunicorn's workers of one thread each shared cores (bench/serve.py, 2 x 1,
-    # 4 clients, 2-core AVX2 EPYC: 0.87 req/s pinned, 1.56 unpinned, torch 1.37).
-    config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
-              "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "ENABLE_CPU_PINNING": False}
-    core = ov.Core()
-    dynamic = core.compile_model(ir, "CPU", config).create_infer_request()
-    static: OrderedDict[tuple[int, int], object] = OrderedDict()
-    seen: Counter[tuple[int, int]] = Counter()
-    lock = threading.Lock()  # an infer request runs one input at a time and reuses its output buffer
+    from openvino import opset13 as ops
 
-    def request_for(size: tuple[int, int]):  # -> openvino.InferRequest
-        if size in static:
-            static.move_to_end(size)
-            return static[size]
-        seen[size] += 1
-        if seen[size] < 2:
-            return dynamic
-        fixed = ir.clone()
+    logits = ir.get_results()[0].input_value(0)  # what the logits' Result node reads
+    top = ops.topk(ops.softmax(logits, -1), 1, -1, "max", "none", "i32")
+    return ov.Model([logits, top.output(1), top.output(0)], ir.get_parameters(), "with class and confidence")
+
+
+class OpenVINOForward:
+    """An ov.Model compiled for the CPU: called, 1 x 3 x h x w input -> 1 x C x h x w logits;
+    ``class_and_confidence`` -> the H x W class ids and confidence from the graph itself.
+
+    The precision hint of ``precision`` is said explicitly (on CPUs with AMX, OpenVINO would
+    otherwise choose bf16), on ``threads`` threads (default: torch's count in this process, set
+    after gunicorn's fork).  A size runs on the dynamic-shape graph until it comes back, then on a
+    graph compiled for it (STATIC_SIZES_KEPT)."""
+
+    def __init__(self, ir, threads: int | None = None, precision: str = "fp32") -> None:
+        # No pinning: pinned, gunicorn's workers of one thread each shared cores (bench/serve.py, 2 x 1,
+        # 4 clients, 2-core AVX2 EPYC: 0.87 req/s pinned, 1.56 unpinned, torch 1.37).
+        self.config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
+                       "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "ENABLE_CPU_PINNING": False}
+        self.ir = with_class_and_confidence(ir)
+        self.core = openvino().Core()
+        self.dynamic = self.core.compile_model(self.ir, "CPU", self.config).create_infer_request()
+        self.static: OrderedDict[tuple[int, int], object] = OrderedDict()
+        self.seen: Counter[tuple[int, int]] = Counter()
+        self.lock = threading.Lock()  # an infer request runs one input at a time and reuses its output buffers
+
+    def request_for(self, size: tuple[int, int]):  # -> openvino.InferRequest
+        if size in self.static:
+            self.static.move_to_end(size)
+            return self.static[size]
+        self.seen[size] += 1
+        if self.seen[size] < 2:
+            return self.dynamic
+        fixed = self.ir.clone()
         fixed.reshape([1, 3, *size])
-        static[size] = core.compile_model(fixed, "CPU", config).create_infer_request()
-        if len(static) > STATIC_SIZES_KEPT:
-            static.popitem(last=False)
-        return static[size]
+        self.static[size] = self.core.compile_model(fixed, "CPU", self.config).create_infer_request()
+        if len(self.static) > STATIC_SIZES_KEPT:
+            self.static.popitem(last=False)
+        return self.static[size]
 
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        with lock:
-            request = request_for(tuple(batch.shape[-2:]))
+    def outputs(self, batch: torch.Tensor, indices: tuple[int, ...]) -> list[np.ndarray]:
+        """Copies of the outputs ``indices`` for ``batch`` (the request's buffers are reused)."""
+        with self.lock:
+            request = self.request_for(tuple(batch.shape[-2:]))
             request.infer([batch.float().contiguous().cpu().numpy()])
-            logits = request.get_output_tensor(0).data.copy()
+            return [request.get_output_tensor(index).data.copy() for index in indices]
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.outputs(batch, (0,))
         # Viewed as N x C x H x W in channels_last memory, as the torch path's logits are.
         return torch.from_numpy(logits).permute(0, 3, 1, 2)
-    return forward
+
+    def class_and_confidence(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """H x W int64 class ids and float32 confidence of the first image of ``batch``."""
+        class_ids, confidence = self.outputs(batch, (1, 2))
+        return torch.from_numpy(class_ids[0, ..., 0]).long(), torch.from_numpy(confidence[0, ..., 0])

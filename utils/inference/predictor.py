@@ -32,7 +32,7 @@ from model.export_onnx import export_onnx, onnxruntime_session, run_session
 from utils.checkpoint import load_checkpoint
 from utils.data.transforms import SIZE_MULTIPLE, normalise, padded_size, to_unit_range
 from utils.fileio import to_rgb
-from utils.inference.openvino_runtime import openvino_forward, openvino_model
+from utils.inference.openvino_runtime import OpenVINOForward, openvino_model
 from utils.inference.precision_guard import precision_allowed
 from utils.inference.tiling import WHOLE, Forward, Strategy, TileProbabilities, scaled_size, slide, tta_probabilities
 from utils.precision import cpu_supports_bf16
@@ -236,7 +236,7 @@ class Predictor:
             try:
                 ir, chosen = openvino_model(path, model, precision)
                 if chosen != "fp32" or choose_precision(precision, device, guard_of(path, device)) == "fp32":
-                    return cls(model, meta, device, chosen, openvino_forward(ir, threads, chosen), "openvino")
+                    return cls(model, meta, device, chosen, OpenVINOForward(ir, threads, chosen), "openvino")
             except (ImportError, RuntimeError) as error:  # RuntimeError: OpenVINO's conversion failures
                 log.warning("the network runs on torch: %s", str(error).splitlines()[0])
         return cls.on_torch(path, model, meta, device, precision, compiled)
@@ -254,7 +254,7 @@ class Predictor:
         if device.type != "cpu":
             raise ValueError("the openvino backend runs on the CPU")
         ir, chosen = openvino_model(path, model, precision)
-        return cls(model, meta, device, chosen, openvino_forward(ir, threads, chosen), "openvino")
+        return cls(model, meta, device, chosen, OpenVINOForward(ir, threads, chosen), "openvino")
 
     def warm_up(self) -> None:
         """One prediction on a blank landscape photo of the network's size (compiles, if compiled)."""
@@ -287,13 +287,21 @@ class Predictor:
         else:
             batch, info = self.preprocess(image)
             if strategy.plain:
-                class_ids, confidence = top_class_and_confidence(self.forward(batch)[0])
+                class_ids, confidence = self.class_and_confidence(batch)
             else:
                 confidence, class_ids = tta_probabilities(self.forward, batch, strategy.tta, min_input_size(self.model),
                                                           self.black())[0].max(dim=0)
         class_map, confidence = to_original_size(class_ids, confidence, info, self.num_classes)
         return Prediction(class_map=class_map, confidence=confidence,
                           inference_ms=(time.perf_counter() - started) * 1000)
+
+    def class_and_confidence(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """H x W class ids and confidence of a preprocessed image: from the runtime's graph where
+        it computes them (OpenVINOForward.class_and_confidence), else reduced from the logits here."""
+        in_graph = getattr(self.forward, "class_and_confidence", None)
+        if in_graph is not None:
+            return in_graph(batch)
+        return top_class_and_confidence(self.forward(batch)[0])
 
     def at_scale(self, image: Image.Image, scale: float) -> tuple[np.ndarray, PreprocessInfo]:
         """The RGB pixels of ``image`` resized by ``scale`` (slide mode's working resolution)."""

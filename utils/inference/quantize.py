@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from utils.errors import UserError
-from utils.inference.openvino_runtime import GUARD_DEVICE, int8_xml, ir_for, openvino_forward, save_ir
+from utils.inference.openvino_runtime import GUARD_DEVICE, OpenVINOForward, int8_xml, ir_for, save_ir
 from utils.inference.precision_guard import compare_precisions, write_guard
 from utils.inference.predictor import Predictor
 
@@ -73,7 +73,7 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, calibration: Iterable[np.
     quantized = quantize_ir(ir, network_inputs(fp32, calibration), recipe)
     xml = int8_xml(checkpoint)
     digests = save_ir(quantized, xml)
-    int8 = Predictor(fp32.model, fp32.meta, fp32.device, "int8", openvino_forward(quantized, threads, "int8"),
+    int8 = Predictor(fp32.model, fp32.meta, fp32.device, "int8", OpenVINOForward(quantized, threads, "int8"),
                      "openvino")
     figures = compare_precisions(fp32.class_map_and_margin, lambda image: int8.predict(image).class_map,
                                  validation, fp32.num_classes, "int8")
