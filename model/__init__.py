@@ -67,9 +67,10 @@ def never_predict(model: nn.Module, class_ids: Sequence[int]) -> None:
     ids = torch.tensor(list(class_ids))
 
     def fill(module: nn.Module, inputs: tuple, outputs: torch.Tensor | dict[str, torch.Tensor]):
-        if torch.compiler.is_exporting():
-            # torch.export turns the in-place fill into a scatter through transposed copies of all
-            # the logits (2.1 s of ONNX Runtime's 3.0 s on the default model); a select is one pass.
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            # Exported (torch.export, ONNX) or traced (OpenVINO's converter), the in-place fill becomes
+            # a scatter through reordered copies of all the logits (2.1 s of ONNX Runtime's 3.0 s on
+            # the default model; 25 ms of OpenVINO's 170); a select is one pass.
             return select_never(outputs, ids)
         # In place: 10 of 91 channels written, where a masked copy would copy all the logits.
         for logits in outputs.values() if isinstance(outputs, dict) else (outputs,):
