@@ -171,3 +171,21 @@ def test_a_passing_int8_verdict_from_another_kind_of_cpu_is_not_honoured(tmp_pat
     with caplog.at_level(logging.WARNING):
         assert Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto").precision == "fp32"
     assert "the INT8 verdict was measured on a" in caplog.text and f"this one is {cpu_kind()}" in caplog.text
+
+
+def test_a_pixel_major_int8_ir_from_an_older_version_is_not_served(tmp_path, quantized, caplog):
+    """Before the IR kept the logits N x C x H x W, tools/quantize.py wrote them N x H x W x C: the
+    graph appended for class and confidence would reduce them over the wrong axis."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    checkpoint = tmp_path / "model.pth"
+    checkpoint.write_bytes(quantized.read_bytes())
+    ir = ov.Core().read_model(str(int8_xml(quantized)))
+    pixel_major = ops.transpose(ir.get_results()[0].input_value(0), ops.constant(np.array([0, 2, 3, 1])))
+    ov.save_model(ov.Model([pixel_major], ir.get_parameters()), str(int8_xml(checkpoint)), compress_to_fp16=False)
+    digests = {f"{part}_sha256": file_sha256(int8_xml(checkpoint).with_suffix(f".{part}")) for part in ("xml", "bin")}
+    write_guard(checkpoint, dict(PASSING, **digests), "openvino", "int8")
+    with caplog.at_level(logging.WARNING):
+        assert Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto").precision == "fp32"
+    assert "model.pth.int8.xml has pixel-major logits (made by an older version)" in caplog.text

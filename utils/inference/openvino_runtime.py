@@ -29,7 +29,6 @@ import warnings
 from collections import Counter, OrderedDict
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -270,19 +269,22 @@ class OpenVINOForward:
             self.static.popitem(last=False)
         return self.static[size]
 
-    def outputs(self, batch: torch.Tensor, indices: tuple[int, ...]) -> list[np.ndarray]:
-        """Copies of the outputs ``indices`` for ``batch`` (the request's buffers are reused)."""
+    def outputs(self, batch: torch.Tensor, indices: tuple[int, ...],
+                memory_format: torch.memory_format = torch.contiguous_format) -> list[torch.Tensor]:
+        """Copies, in ``memory_format``, of the outputs ``indices`` for ``batch`` (the request's
+        buffers are reused by its next input): one copy each, straight from the buffer."""
         with self.lock:
             request = self.request_for(tuple(batch.shape[-2:]))
             request.infer([batch.float().contiguous().cpu().numpy()])
-            return [request.get_output_tensor(index).data.copy() for index in indices]
+            return [torch.from_numpy(request.get_output_tensor(index).data).clone(memory_format=memory_format)
+                    for index in indices]
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.outputs(batch, (0,))
         # channels_last, as the torch path's logits are: tiling's softmax reads them pixel-major.
-        return torch.from_numpy(logits).contiguous(memory_format=torch.channels_last)
+        (logits,) = self.outputs(batch, (0,), torch.channels_last)
+        return logits
 
     def class_and_confidence(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """H x W int64 class ids and float32 confidence of the first image of ``batch``."""
         class_ids, confidence = self.outputs(batch, (1, 2))
-        return torch.from_numpy(class_ids[0, 0]).long(), torch.from_numpy(confidence[0, 0])
+        return class_ids[0, 0].long(), confidence[0, 0]
