@@ -29,6 +29,7 @@ import warnings
 from collections import Counter, OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -222,38 +223,31 @@ def bf16_or_fp32(checkpoint: str | os.PathLike, requested: str) -> str:
 
 
 def with_class_and_confidence(ir):  # -> openvino.Model
-    """``ir`` with two more outputs: each pixel's class id (the argmax of its softmax, as
-    top_class_and_confidence takes it) and that probability, computed inside the runtime's graph,
-    so that a prediction never copies the C x H x W logits out (112 MB for the default model at
-    640x480) to reduce them in torch."""
+    """``ir`` answering each pixel's class id and that class's softmax probability instead of the
+    logits, computed inside the runtime's graph: a prediction never copies the C x H x W logits out
+    (112 MB for the default model at 640x480).  The probability of the top logit m is
+    1 / sum(exp(logits - m)): with no softmax over all classes and no logits output, the default
+    model's forward takes 92 instead of 103 ms, and 134 with the logits output too (static 640x480,
+    2-core AVX-512 EPYC, per-node profile; bench/README.md)."""
     ov = openvino()
     from openvino import opset13 as ops
 
     logits = ir.get_results()[0].input_value(0)  # what the logits' Result node reads
-    top = ops.topk(ops.softmax(logits, 1), 1, 1, "max", "none", "i32")
-    return ov.Model([logits, top.output(1), top.output(0)], ir.get_parameters(), "with class and confidence")
+    top = ops.topk(logits, 1, 1, "max", "none", "i32")
+    total = ops.reduce_sum(ops.exp(ops.subtract(logits, top.output(0))), [1], True)
+    confidence = ops.divide(ops.constant(np.float32(1)), total)
+    return ov.Model([top.output(1), confidence.output(0)], ir.get_parameters(), "class and confidence")
 
 
-class OpenVINOForward:
-    """An ov.Model compiled for the CPU: called, 1 x 3 x h x w input -> 1 x C x h x w logits;
-    ``class_and_confidence`` -> the H x W class ids and confidence from the graph itself.
+class CompiledGraph:
+    """An ov.Model compiled for the CPU with ``config``: a size runs on the dynamic-shape graph
+    until it comes back, then on a graph compiled for it (STATIC_SIZES_KEPT)."""
 
-    The precision hint of ``precision`` is said explicitly (on CPUs with AMX, OpenVINO would
-    otherwise choose bf16), on ``threads`` threads (default: torch's count in this process, set
-    after gunicorn's fork).  A size runs on the dynamic-shape graph until it comes back, then on a
-    graph compiled for it (STATIC_SIZES_KEPT)."""
-
-    def __init__(self, ir, threads: int | None = None, precision: str = "fp32") -> None:
-        # No pinning: pinned, gunicorn's workers of one thread each shared cores (bench/serve.py, 2 x 1,
-        # 4 clients, 2-core AVX2 EPYC: 0.87 req/s pinned, 1.56 unpinned, torch 1.37).
-        self.config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
-                       "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "ENABLE_CPU_PINNING": False}
-        self.ir = with_class_and_confidence(ir)
-        self.core = openvino().Core()
-        self.dynamic = self.core.compile_model(self.ir, "CPU", self.config).create_infer_request()
+    def __init__(self, model, core, config: dict) -> None:
+        self.model, self.core, self.config = model, core, config
+        self.dynamic = core.compile_model(model, "CPU", config).create_infer_request()
         self.static: OrderedDict[tuple[int, int], object] = OrderedDict()
         self.seen: Counter[tuple[int, int]] = Counter()
-        self.lock = threading.Lock()  # an infer request runs one input at a time and reuses its output buffers
 
     def request_for(self, size: tuple[int, int]):  # -> openvino.InferRequest
         if size in self.static:
@@ -262,29 +256,53 @@ class OpenVINOForward:
         self.seen[size] += 1
         if self.seen[size] < 2:
             return self.dynamic
-        fixed = self.ir.clone()
+        fixed = self.model.clone()
         fixed.reshape([1, 3, *size])
         self.static[size] = self.core.compile_model(fixed, "CPU", self.config).create_infer_request()
         if len(self.static) > STATIC_SIZES_KEPT:
             self.static.popitem(last=False)
         return self.static[size]
 
-    def outputs(self, batch: torch.Tensor, indices: tuple[int, ...],
+
+class OpenVINOForward:
+    """An IR run on the CPU: called, 1 x 3 x h x w input -> 1 x C x h x w logits;
+    ``class_and_confidence`` -> the H x W class ids and confidence from a graph that computes them
+    (the service's path, compiled at once; the logits' graph is compiled when first called).
+
+    The precision hint of ``precision`` is said explicitly (on CPUs with AMX, OpenVINO would
+    otherwise choose bf16), on ``threads`` threads (default: torch's count in this process, set
+    after gunicorn's fork)."""
+
+    def __init__(self, ir, threads: int | None = None, precision: str = "fp32") -> None:
+        # No pinning: pinned, gunicorn's workers of one thread each shared cores (bench/serve.py, 2 x 1,
+        # 4 clients, 2-core AVX2 EPYC: 0.87 req/s pinned, 1.56 unpinned, torch 1.37).
+        self.config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
+                       "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "ENABLE_CPU_PINNING": False}
+        self.ir = ir
+        self.core = openvino().Core()
+        self.heads = CompiledGraph(with_class_and_confidence(ir), self.core, self.config)
+        self.logits: CompiledGraph | None = None
+        self.lock = threading.Lock()  # an infer request runs one input at a time and reuses its output buffers
+
+    def outputs(self, graph: CompiledGraph, batch: torch.Tensor,
                 memory_format: torch.memory_format = torch.contiguous_format) -> list[torch.Tensor]:
-        """Copies, in ``memory_format``, of the outputs ``indices`` for ``batch`` (the request's
+        """Copies, in ``memory_format``, of ``graph``'s outputs for ``batch`` (the request's
         buffers are reused by its next input): one copy each, straight from the buffer."""
         with self.lock:
-            request = self.request_for(tuple(batch.shape[-2:]))
+            request = graph.request_for(tuple(batch.shape[-2:]))
             request.infer([batch.float().contiguous().cpu().numpy()])
-            return [torch.from_numpy(request.get_output_tensor(index).data).clone(memory_format=memory_format)
-                    for index in indices]
+            return [torch.from_numpy(output.data).clone(memory_format=memory_format)
+                    for output in request.output_tensors]
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            if self.logits is None:
+                self.logits = CompiledGraph(self.ir, self.core, self.config)
         # channels_last, as the torch path's logits are: tiling's softmax reads them pixel-major.
-        (logits,) = self.outputs(batch, (0,), torch.channels_last)
+        (logits,) = self.outputs(self.logits, batch, torch.channels_last)
         return logits
 
     def class_and_confidence(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """H x W int64 class ids and float32 confidence of the first image of ``batch``."""
-        class_ids, confidence = self.outputs(batch, (1, 2))
+        class_ids, confidence = self.outputs(self.heads, batch)
         return class_ids[0, 0].long(), confidence[0, 0]
