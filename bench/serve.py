@@ -8,8 +8,9 @@ For each setting WORKERSxTHREADS it starts gunicorn (app/gunicorn.conf.py) on a 
 port with that many workers and torch threads per worker, waits until every worker has loaded
 the model, warms up, then runs N clients that POST the same 640x480 JPEG to /json for a fixed
 time.  Prints requests/s, p50/p95/p99 latency, errors and the workers' RSS before and after;
-and, measured before any server starts, the bare forward of that photo in one thread, so that
-throughput is compared with the machine's capacity (cores / forward time).  With --url it
+and, measured before any server starts, one prediction of that photo in one thread on the
+backend and precision the service picks (SEG_BACKEND, SEG_PRECISION), so that throughput is
+compared with the machine's capacity (cores / prediction time).  With --url it
 loads an already running service instead (no RSS).  --front starts it as `make run` does
 (serve.py: nginx in front of gunicorn); --bad-every N makes every Nth request of each client a bad
 upload (in turn: not an image, a truncated JPEG, an empty file, a bad query), which must get its
@@ -38,7 +39,7 @@ from app.settings import DEFAULT_CHECKPOINT
 from app.uploads import decode_image
 from utils.inference.predictor import Predictor
 
-THROUGHPUT_GOAL = 0.8  # x cores / single-request forward time
+THROUGHPUT_GOAL = 0.8  # x cores / single-request prediction time
 TAIL_GOAL = 3.0  # p99 / p50
 MAX_REQUESTS = 100_000  # a bound on any one run, whatever the duration
 
@@ -59,15 +60,17 @@ class LoadResult:
         return len(self.latencies) / self.seconds
 
 
-def bare_forward_ms(checkpoint: str, jpeg: bytes, precision: str, repeat: int = 10) -> tuple[float, str]:
-    """Median forward of the photo in one torch thread, in the precision the service would pick."""
+def prediction_ms(checkpoint: str, jpeg: bytes, precision: str, backend: str,
+                  repeat: int = 10) -> tuple[float, Predictor]:
+    """Median prediction of the photo in one thread, on the backend and in the precision the
+    service would pick: what each request costs the cores, HTTP and encoding aside."""
     before = torch.get_num_threads()
-    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", threads=1, precision=precision)
-    batch, _ = predictor.preprocess(decode_image(jpeg, 40_000_000))
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", threads=1, precision=precision, backend=backend)
+    image = decode_image(jpeg, 40_000_000)
     with torch.inference_mode():
-        ms = median_ms(lambda: predictor.forward(batch), repeat)
+        ms = median_ms(lambda: predictor.predict(image), repeat)
     torch.set_num_threads(before)
-    return ms, predictor.precision
+    return ms, predictor
 
 
 def free_port() -> int:
@@ -114,9 +117,9 @@ class Service:
     def worker_pids(self) -> list[int]:
         """gunicorn's workers: the master's children (behind the front, the master is serve.py's child)."""
         master = self.process.pid
-        for child in children(master):
-            if b"gunicorn" in Path(f"/proc/{child}/cmdline").read_bytes():
-                master = child
+        if b"gunicorn" not in Path(f"/proc/{master}/cmdline").read_bytes():  # serve.py: its gunicorn child
+            master = next((child for child in children(master)
+                           if b"gunicorn" in Path(f"/proc/{child}/cmdline").read_bytes()), master)
         return children(master)
 
     def rss_mb(self) -> list[float]:
@@ -238,12 +241,13 @@ def main() -> None:
         sys.exit(f"error: checkpoint not found: {args.checkpoint} (pass --checkpoint)")
     jpeg = photo_jpeg(args.width, args.height)
     print(background_load() + machine())
-    forward_ms, precision = bare_forward_ms(args.checkpoint, jpeg, args.precision)
-    capacity = cores() * 1000 / forward_ms
+    backend = os.environ.get("SEG_BACKEND", "auto")  # what the service will run, as app/settings.py reads it
+    predict_ms, predictor = prediction_ms(args.checkpoint, jpeg, args.precision, backend)
+    capacity = cores() * 1000 / predict_ms
     print(f"{Path(args.checkpoint).name}, {args.width}x{args.height} JPEG, {args.clients} clients, "
           f"{args.duration:.0f} s per setting")
-    print(f"bare forward ({precision}, 1 thread): {forward_ms:.1f} ms -> capacity {cores()} cores / forward = "
-          f"{capacity:.2f} req/s")
+    print(f"one prediction ({predictor.backend} {predictor.precision}, 1 thread): {predict_ms:.1f} ms -> capacity "
+          f"{cores()} cores / prediction = {capacity:.2f} req/s")
     if args.url:
         load(args.url, jpeg, args.clients, args.warmup)
         result = load(args.url, jpeg, args.clients, args.duration, args.bad_every)
