@@ -80,9 +80,11 @@ def test_the_command_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
 
 
 def test_the_default_models_architecture_exports_with_its_masked_classes():
-    """SMP's U-Net with the VOC head, COCO's classes, the unused ids masked by a forward hook."""
+    """SMP's U-Net with the VOC head and logits at 1/4 upsampled (save/default), COCO's classes, the
+    unused ids masked by a forward hook."""
     torch.manual_seed(0)
-    model = build_model("smp_unet", num_classes=91, encoder="mobilenet_v2", encoder_output_stride=16, voc_head=True)
+    model = build_model("smp_unet", num_classes=91, encoder="mobilenet_v2", encoder_output_stride=16, voc_head=True,
+                        logit_stride=4)
     never_predict(model, never_labelled_ids(COCO_CLASSES))
     session = onnxruntime_session(export_onnx(model.eval()), threads=1)
     images = torch.randn(1, 3, 53, 75)
