@@ -226,9 +226,9 @@ def with_class_and_confidence(ir):  # -> openvino.Model
     """``ir`` answering each pixel's class id and that class's softmax probability instead of the
     logits, computed inside the runtime's graph: a prediction never copies the C x H x W logits out
     (112 MB for the default model at 640x480).  The probability of the top logit m is
-    1 / sum(exp(logits - m)): with no softmax over all classes and no logits output, the default
-    model's forward takes 92 instead of 103 ms, and 134 with the logits output too (static 640x480,
-    2-core AVX-512 EPYC, per-node profile; bench/README.md)."""
+    1 / sum(exp(logits - m)).  Static 640x480, 2-core AVX-512 EPYC (bench/README.md): without the
+    softmax over all classes the default model's forward took 92 instead of 103 ms, and the logits
+    output had cost 29 ms more (163 vs 134 in another run)."""
     ov = openvino()
     from openvino import opset13 as ops
 
