@@ -35,6 +35,7 @@ import requests
 import torch
 from benchlib import ROOT, background_load, cores, machine, median_ms, percentile, photo_jpeg
 
+from app import settings
 from app.settings import DEFAULT_CHECKPOINT
 from app.uploads import decode_image
 from utils.inference.predictor import Predictor
@@ -241,7 +242,7 @@ def main() -> None:
         sys.exit(f"error: checkpoint not found: {args.checkpoint} (pass --checkpoint)")
     jpeg = photo_jpeg(args.width, args.height)
     print(background_load() + machine())
-    backend = os.environ.get("SEG_BACKEND", "auto")  # what the service will run, as app/settings.py reads it
+    backend = settings.from_environment()["BACKEND"]  # what the service will run
     predict_ms, predictor = prediction_ms(args.checkpoint, jpeg, args.precision, backend)
     capacity = cores() * 1000 / predict_ms
     print(f"{Path(args.checkpoint).name}, {args.width}x{args.height} JPEG, {args.clients} clients, "
