@@ -136,9 +136,15 @@ async function enhanceResult(section) {
 }
 
 async function pixelsOf(url) {
-  const image = new Image();
-  image.src = url;
-  await image.decode();
+  // The load event, not image.decode(): Chromium may reject decode() for an image that loads
+  // (a cancelled decode is an EncodingError), and the page would then silently stay plain; a CI
+  // run under load waited 60 s for a result canvas that never came.
+  const image = await new Promise((resolve, reject) => {
+    const loading = new Image();
+    loading.onload = () => resolve(loading);
+    loading.onerror = () => reject(new Error(`could not load ${url}`));
+    loading.src = url;
+  });
   const canvas = Object.assign(document.createElement("canvas"), { width: image.naturalWidth, height: image.naturalHeight });
   const context = canvas.getContext("2d", { willReadFrequently: true });
   context.drawImage(image, 0, 0);
