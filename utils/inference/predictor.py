@@ -101,7 +101,11 @@ def compiled_forward(model: nn.Module, device: torch.device, precision: str) -> 
     does not trigger a recompilation."""
     # Freezing folds batch norm into the convolutions and pre-packs the weights for the CPU kernels;
     # set for this compilation only, as it would be wrong for a model still being trained.
-    return torch.compile(torch_forward(model, device, precision), dynamic=True, options={"freezing": True})
+    # torch 2.14.1's masked vectorization of loop tails, with symbolic sizes, writes out of bounds:
+    # SMP's U-Net at 48x64 crashed (double free) on AVX-512 and gave logits of 1e22 with AVX2
+    # kernels, both gone without it.
+    options = {"freezing": True, "cpp.enable_loop_tail_vec": False}
+    return torch.compile(torch_forward(model, device, precision), dynamic=True, options=options)
 
 
 @dataclass(frozen=True)
