@@ -1,4 +1,4 @@
-"""Train several configurations a few steps each under one torchrun launch (tests/test_ddp_matrix.py).
+"""Train several configurations briefly under one torchrun launch (tests/test_ddp_matrix.py).
 
     torchrun --nproc_per_node=2 -m tests.ddp_matrix OUT.json WEIGHTS.pth NAME... -- TRAIN_OPTIONS...
 
