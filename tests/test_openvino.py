@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,12 +82,21 @@ def flip_a_bit(data: bytes) -> bytes:
     return data[:middle] + bytes([data[middle] ^ 0x40]) + data[middle + 1:]
 
 
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory) -> Path:
+    """A folder with a checkpoint and its OpenVINO cache, converted once for the tests that damage
+    a copy of it."""
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("cached") / "tiny.pth", varied=True)
+    Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino")
+    return checkpoint.parent
+
+
 @pytest.mark.parametrize("broken, damage", [("xml", truncate), ("bin", truncate), ("json", truncate),
                                             ("bin", flip_a_bit)])
-def test_a_corrupt_cache_is_rebuilt_with_a_log_line(tmp_path, broken, damage, caplog):
-    checkpoint = make_checkpoint(tmp_path / "tiny.pth", varied=True)
+def test_a_corrupt_cache_is_rebuilt_with_a_log_line(cached, tmp_path, broken, damage, caplog):
+    shutil.copytree(cached, tmp_path / "copy")
+    checkpoint = tmp_path / "copy" / "tiny.pth"
     reference = Predictor.from_checkpoint(checkpoint, device="cpu", precision="fp32")
-    Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino")
     (victim,) = checkpoint.with_name("tiny.pth.openvino").glob(f"*.{broken}")
     victim.write_bytes(damage(victim.read_bytes()))
     with caplog.at_level(logging.WARNING, logger=openvino_runtime.__name__):
