@@ -5,7 +5,8 @@
     python bench/serve.py --front --settings 2x2 --bad-every 5 --duration 60   # the soak, through the front
 
 For each setting WORKERSxTHREADS it starts gunicorn (app/gunicorn.conf.py) on a free 127.0.0.1
-port with that many workers and torch threads per worker, waits until every worker has loaded
+port with that many workers and torch threads per worker (WORKERSxTHREADSxR: and R request
+threads per worker, SEG_THREADS_PER_WORKER), waits until every worker has loaded
 the model, warms up, then runs N clients that POST the same 640x480 JPEG to /json for a fixed
 time.  Prints requests/s, p50/p95/p99 latency, errors and the workers' RSS before and after;
 and, measured before any server starts, one prediction of that photo in one thread on the
@@ -85,11 +86,13 @@ class Service:
     checkout whose app it runs (another one compares versions)."""
 
     def __init__(self, checkpoint: str, workers: int, threads: int, precision: str, results: Path,
-                 root: Path = ROOT, front: bool = False) -> None:
+                 root: Path = ROOT, front: bool = False, request_threads: int | None = None) -> None:
         self.port = free_port()
         environment = dict(os.environ, SEG_CHECKPOINT=checkpoint, SEG_RESULTS_DIR=str(results),
                            SEG_BIND=f"127.0.0.1:{self.port}", SEG_WORKERS=str(workers), SEG_THREADS=str(threads),
                            SEG_PRECISION=precision, SEG_LOG_LEVEL="info")
+        if request_threads is not None:
+            environment["SEG_THREADS_PER_WORKER"] = str(request_threads)
         self.workers = workers
         self.loaded = 0
         command = ([sys.executable, "app/serve.py"] if front else
@@ -214,13 +217,14 @@ def report(label: str, result: LoadResult, capacity: float, rss: tuple[list[floa
 
 
 def run_setting(setting: str, args: argparse.Namespace, jpeg: bytes, capacity: float, results: Path) -> float:
-    workers, threads = (int(part) for part in setting.lower().split("x"))
-    with Service(args.checkpoint, workers, threads, args.precision, results, front=args.front) as service:
+    workers, threads, *request_threads = (int(part) for part in setting.lower().split("x"))
+    with Service(args.checkpoint, workers, threads, args.precision, results, front=args.front,
+                 request_threads=request_threads[0] if request_threads else None) as service:
         service.wait_until_loaded()
         load(service.url, jpeg, args.clients, args.warmup)
         before = service.rss_mb()
         result = load(service.url, jpeg, args.clients, args.duration, args.bad_every)
-        report(f"{workers}x{threads}", result, capacity, (before, service.rss_mb()))
+        report(setting, result, capacity, (before, service.rss_mb()))
     return result.requests_per_second
 
 
@@ -228,7 +232,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--url", help="load this running service instead of starting gunicorn")
-    parser.add_argument("--settings", default="2x1,1x2,2x2", help="WORKERSxTORCH_THREADS, comma-separated")
+    parser.add_argument("--settings", default="2x1,1x2,2x2",
+                        help="WORKERSxTORCH_THREADS[xREQUEST_THREADS], comma-separated")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--duration", type=float, default=30, help="seconds of load per setting")
     parser.add_argument("--warmup", type=float, default=5, help="seconds of unrecorded load first")
