@@ -148,11 +148,10 @@ def scan_results(folder: Path) -> tuple[dict[str, list[str]], dict[str, int], di
                 size, mtime = size_and_mtime(entry)
                 names.setdefault(result, []).append(entry.name)
                 sizes[result] = sizes.get(result, 0) + size
-                if suffix == SUFFIXES["overlay"]:
-                    written[result] = mtime
+                written[result] = mtime if suffix == SUFFIXES["overlay"] else written.get(result, 0.0)
             elif TEMPORARY_PATTERN.fullmatch(entry.name) and now - size_and_mtime(entry)[1] > WRITE_GRACE_S:
                 stale.append(entry.name)
-    return names, sizes, {result: written.get(result, 0.0) for result in names}, stale
+    return names, sizes, written, stale
 
 
 def size_and_mtime(entry: os.DirEntry) -> tuple[int, float]:
