@@ -216,10 +216,20 @@ def report(label: str, result: LoadResult, capacity: float, rss: tuple[list[floa
           f"  errors {result.errors}  requests {len(result.latencies)}  bad ones answered {result.bad}{memory}")
 
 
+def parse_setting(setting: str) -> tuple[int, int, int | None]:
+    """WORKERSxTHREADS or WORKERSxTHREADSxREQUEST_THREADS -> (workers, threads, request threads or None)."""
+    parts = setting.lower().split("x")
+    if len(parts) not in (2, 3) or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise SystemExit(f"error: setting {setting!r} is not WORKERSxTHREADS or WORKERSxTHREADSxREQUEST_THREADS "
+                         "(positive integers, e.g. 2x2 or 2x2x1)")
+    workers, threads, *request_threads = (int(part) for part in parts)
+    return workers, threads, request_threads[0] if request_threads else None
+
+
 def run_setting(setting: str, args: argparse.Namespace, jpeg: bytes, capacity: float, results: Path) -> float:
-    workers, threads, *request_threads = (int(part) for part in setting.lower().split("x"))
+    workers, threads, request_threads = parse_setting(setting)
     with Service(args.checkpoint, workers, threads, args.precision, results, front=args.front,
-                 request_threads=request_threads[0] if request_threads else None) as service:
+                 request_threads=request_threads) as service:
         service.wait_until_loaded()
         load(service.url, jpeg, args.clients, args.warmup)
         before = service.rss_mb()
@@ -245,6 +255,8 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.checkpoint).is_file():
         sys.exit(f"error: checkpoint not found: {args.checkpoint} (pass --checkpoint)")
+    for setting in [] if args.url else args.settings.split(","):
+        parse_setting(setting)  # refused before minutes of measuring, not after
     jpeg = photo_jpeg(args.width, args.height)
     print(background_load() + machine())
     backend = settings.from_environment()["BACKEND"]  # what the service will run
