@@ -57,17 +57,10 @@ def machine() -> str:
     """One line: CPU model, cores, the SIMD flags that matter for inference, Python and torch."""
     import torch
 
-    model, flags = platform.processor() or "cpu", set()
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    simd = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
-    wanted = [flag for flag in simd if flag in flags]
-    return (f"{model}, {cores()} cores, {' '.join(wanted)}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    from utils.precision import cpu_description
+
+    return (f"{cpu_description()}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
 def busy_fraction(seconds: float = 1.0) -> float:

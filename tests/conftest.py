@@ -26,6 +26,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The machine, at the end of every run (also under -q): the suite's time is comparable only
+    with its CPU's flags."""
+    from utils.precision import cpu_description
+
+    terminalreporter.write_line(f"machine: {cpu_description()}; torch kernels "
+                                f"{torch.backends.cpu.get_cpu_capability()}")
+
+
 def shared_dataset(name: str) -> Path:
     """Path of ``../shared/data/<name>``, or skip the test with the reason."""
     path = SHARED_DATA / name

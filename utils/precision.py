@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import platform
 from pathlib import Path
 
 import torch
@@ -20,6 +22,31 @@ AUTOCAST_PRECISIONS = ("auto", "fp32", "bf16")
 # From the most specific: the first of these the CPU has names its kind.
 CPU_KINDS = (("amx_tile", "amx"), ("avx512_bf16", "avx512_bf16"), ("avx512_vnni", "avx512_vnni"),
              ("avx512f", "avx512"), ("avx_vnni", "avx2_vnni"), ("avx2", "avx2"))
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@functools.cache
+def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and its /proc/cpuinfo flags (empty off Linux)."""
+    model, flags = platform.processor() or "cpu", frozenset()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = frozenset(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return model, flags
+
+
+def cpu_description() -> str:
+    """One line for every reported timing: the CPU's model, the cores this process may use and the
+    SIMD flags that make one machine's figures 2-3x another's."""
+    model, flags = cpu_model_and_flags()
+    wanted = [flag for flag in SIMD_FLAGS if flag in flags]
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, {' '.join(wanted) or 'no AVX2'}"
 
 
 @functools.cache
@@ -27,10 +54,8 @@ def cpu_kind() -> str:
     """The instruction set that decides how bf16 and INT8 kernels round here (amx, avx512_bf16,
     avx512_vnni, avx512, avx2_vnni, avx2 or other): a reduced precision judged on one kind of CPU
     can change other pixels on another."""
-    try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-        flags = set(line.split(":", 1)[1].split())
-    except (OSError, StopIteration):  # not Linux: torch's coarser view
+    flags = cpu_model_and_flags()[1]
+    if not flags:  # not Linux: torch's coarser view
         flags = {torch.backends.cpu.get_cpu_capability().lower().replace("avx512", "avx512f")}
     return next((kind for flag, kind in CPU_KINDS if flag in flags), "other")
 
