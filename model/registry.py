@@ -1,9 +1,14 @@
 """Every architecture by name: how to build it, the arguments a user may choose, and the facts that
 training must respect.  Adding an architecture is one entry in ARCHITECTURES; the training options
 (utils/training/options.py) are made from these entries.
+
+An entry names its builder as ``"module:callable"``, imported on first use: a process pays only
+for the libraries of the networks it builds (torchvision and SMP take ~2 s to import, and every
+service worker and script starts by importing this registry).
 """
 from __future__ import annotations
 
+import importlib
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,11 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from model.deeplabv3plus import DeepLabV3Plus
-from model.segnet import SegNet
-from model.smp_models import ENCODERS, LOGIT_STRIDES, deeplabv3plus_xception, smp_fpn, smp_pspnet, smp_unet
-from model.torchvision_models import with_aux_option, without_aux_option
-from model.unet import UNet
+from model.smp_choices import ENCODERS, LOGIT_STRIDES
 from model.unet_parts import ACTIVATIONS, PADDING_MODES
 
 
@@ -43,13 +44,18 @@ class Argument:
 
 @dataclass(frozen=True)
 class Architecture:
-    build: Callable[..., nn.Module]
+    builder: str  # "module:callable"
     arguments: tuple[Argument, ...] = ()
     # An encoder that pretrained classifier weights fill (model/encoder_weights.py), and that
     # can be frozen while the decoder learns.
     pretrained_encoder: bool = False
     # BatchNorm after a global pooling sees one value per image: a batch of one cannot train it.
     batchnorm_after_pooling: bool = False
+
+    @property
+    def build(self) -> Callable[..., nn.Module]:
+        module, name = self.builder.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
 BASE_WIDTH = Argument("base_width", 64, "channels of the first level, doubled at each level down (64 = VGG16)")
@@ -80,22 +86,23 @@ SMP_UNET_ARGUMENTS = (
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "unet": Architecture(UNet, UNET_ARGUMENTS),
-    "segnet": Architecture(SegNet, (BASE_WIDTH,)),
-    "smp_unet": Architecture(smp_unet, SMP_UNET_ARGUMENTS, pretrained_encoder=True),
-    "smp_fpn": Architecture(smp_fpn, (ENCODER,), pretrained_encoder=True),
-    "smp_pspnet": Architecture(smp_pspnet, (ENCODER,), pretrained_encoder=True),
-    "deeplabv3plus_mobilenetv2": Architecture(DeepLabV3Plus, (OUTPUT_STRIDE,)),
-    "deeplabv3plus_xception": Architecture(deeplabv3plus_xception, (OUTPUT_STRIDE,), batchnorm_after_pooling=True),
-    "deeplabv3_resnet50": Architecture(with_aux_option("deeplabv3_resnet50"), (AUX_LOSS,),
+    "unet": Architecture("model.unet:UNet", UNET_ARGUMENTS),
+    "segnet": Architecture("model.segnet:SegNet", (BASE_WIDTH,)),
+    "smp_unet": Architecture("model.smp_models:smp_unet", SMP_UNET_ARGUMENTS, pretrained_encoder=True),
+    "smp_fpn": Architecture("model.smp_models:smp_fpn", (ENCODER,), pretrained_encoder=True),
+    "smp_pspnet": Architecture("model.smp_models:smp_pspnet", (ENCODER,), pretrained_encoder=True),
+    "deeplabv3plus_mobilenetv2": Architecture("model.deeplabv3plus:DeepLabV3Plus", (OUTPUT_STRIDE,)),
+    "deeplabv3plus_xception": Architecture("model.smp_models:deeplabv3plus_xception", (OUTPUT_STRIDE,),
+                                           batchnorm_after_pooling=True),
+    "deeplabv3_resnet50": Architecture("model.torchvision_models:deeplabv3_resnet50", (AUX_LOSS,),
                                        batchnorm_after_pooling=True),
-    "deeplabv3_resnet101": Architecture(with_aux_option("deeplabv3_resnet101"), (AUX_LOSS,),
+    "deeplabv3_resnet101": Architecture("model.torchvision_models:deeplabv3_resnet101", (AUX_LOSS,),
                                         batchnorm_after_pooling=True),
-    "deeplabv3_mobilenet_v3_large": Architecture(with_aux_option("deeplabv3_mobilenet_v3_large"), (AUX_LOSS,),
-                                                 batchnorm_after_pooling=True),
-    "fcn_resnet50": Architecture(with_aux_option("fcn_resnet50"), (AUX_LOSS,)),
-    "fcn_resnet101": Architecture(with_aux_option("fcn_resnet101"), (AUX_LOSS,)),
-    "lraspp_mobilenet_v3_large": Architecture(without_aux_option("lraspp_mobilenet_v3_large")),
+    "deeplabv3_mobilenet_v3_large": Architecture("model.torchvision_models:deeplabv3_mobilenet_v3_large",
+                                                 (AUX_LOSS,), batchnorm_after_pooling=True),
+    "fcn_resnet50": Architecture("model.torchvision_models:fcn_resnet50", (AUX_LOSS,)),
+    "fcn_resnet101": Architecture("model.torchvision_models:fcn_resnet101", (AUX_LOSS,)),
+    "lraspp_mobilenet_v3_large": Architecture("model.torchvision_models:lraspp_mobilenet_v3_large"),
 }
 
 

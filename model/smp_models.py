@@ -24,14 +24,12 @@ from torch import nn
 from model.deeplab_voc import VOCHead, head_state
 from model.deeplabv3plus import dilate_beyond_output_stride
 from model.pyramid_pooling import use_exportable_pyramid_pooling
+from model.smp_choices import DILATABLE_ENCODERS, ENCODERS, LOGIT_STRIDES
 from utils.checkpoint import CheckpointError, load_state_dict_file
 from utils.classes import VOC_CLASSES, teacher_groups
 
-ENCODERS = ("mobilenet_v2", "resnet18", "resnet34", "resnet50", "vgg16_bn")
-DILATABLE_ENCODERS = ("mobilenet_v2",)  # output stride 16 as DeepLab trained it (see dilate_encoder)
 MOBILENET_SPATIAL_BLOCKS = 18  # features[18] is a 1x1 convolution: nothing to dilate
 PSPNET_DEPTH = 3  # SMP's PSPNet reads the encoder's third stage (stride 8)
-LOGIT_STRIDES = (1, 4)
 # The U-Net decoder that stops at 1/4 of the input: three blocks, narrower than SMP's default
 # (256, 128, 64), since its first block reads the encoder's widest features.
 QUARTER_DECODER_CHANNELS = (128, 64, 32)

@@ -17,7 +17,7 @@ from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 from model import build_model, model_meta
 from model.deeplab_voc import load_voc_teacher
 from model.encoder_weights import EncoderWeightsError, encoder_key, load_encoder_weights
-from model.smp_models import ENCODERS
+from model.smp_choices import ENCODERS
 from tests.conftest import SHARED_DATA, shared_weights
 from utils.checkpoint import CheckpointError, save_checkpoint
 from utils.classes import VOC_CLASSES

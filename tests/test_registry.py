@@ -3,6 +3,8 @@ model arguments and the option checks all come from its entries."""
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import pytest
 from torch import nn
@@ -10,6 +12,7 @@ from torch import nn
 import train
 from model import registry
 from model.registry import ARCHITECTURES, Architecture, Argument
+from tests.conftest import ROOT
 from utils.training.options import TrainingError, arch_args, check_architecture_options, flag, offered_arguments
 
 
@@ -70,7 +73,8 @@ class Tiny(nn.Module):
 
 def test_a_new_architecture_is_one_registry_entry(monkeypatch):
     kernel = Argument("kernel", 1, "convolution size", choices=(1, 3))
-    monkeypatch.setitem(ARCHITECTURES, "tiny", Architecture(Tiny, (kernel,), batchnorm_after_pooling=True))
+    entry = Architecture(f"{__name__}:Tiny", (kernel,), batchnorm_after_pooling=True)
+    monkeypatch.setitem(ARCHITECTURES, "tiny", entry)
     args = train.parse_args(["--model", "tiny", "--kernel", "3", "--batch-size", "2"])
     check_architecture_options(args)
     assert arch_args(args, 4) == {"num_classes": 4, "kernel": 3}
@@ -83,7 +87,7 @@ def test_a_new_architecture_is_one_registry_entry(monkeypatch):
 
 def test_one_name_means_one_argument(monkeypatch):
     other_width = Argument("base_width", 32, "another meaning")
-    monkeypatch.setitem(ARCHITECTURES, "tiny", Architecture(Tiny, (other_width,)))
+    monkeypatch.setitem(ARCHITECTURES, "tiny", Architecture(f"{__name__}:Tiny", (other_width,)))
     with pytest.raises(TypeError, match="two registry arguments are named 'base_width'"):
         offered_arguments()
 
@@ -101,3 +105,14 @@ def test_the_environment_sets_an_argument_s_default(monkeypatch):
     args = train.parse_args(["--model", "segnet"])
     assert args.base_width == 16
     check_architecture_options(train.parse_args(["--model", "smp_unet"]))  # 16 is the default now, not a choice
+
+
+def test_a_network_of_our_own_is_served_without_importing_smp_or_torchvision(tiny_checkpoint):
+    """Every service worker and script starts by importing the registry; SMP and torchvision take
+    ~2 s of it, paid only by the processes that build their networks."""
+    code = ("import sys, app, torch; from model import load_model; "
+            f"load_model({str(tiny_checkpoint)!r}, torch.device('cpu')); "
+            "print(sorted({'segmentation_models_pytorch', 'timm', 'torchvision'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
