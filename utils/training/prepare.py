@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 from model import build_model, load_pretrained, min_input_size, model_meta, never_predict
 from model.deeplab_voc import load_voc_teacher
 from model.encoder_weights import load_encoder_weights
-from model.smp_models import load_voc_head
 from utils import distributed
 from utils.classes import VOC_CLASSES, never_labelled_ids
 from utils.data.augment import train_transform
@@ -116,6 +115,8 @@ def build_pretrained_model(args: argparse.Namespace, arguments: dict,
         if not args.train_encoder_bn:
             model.freeze_encoder_batchnorm()
     if args.voc_head:
+        from model.smp_models import load_voc_head  # only here: SMP takes ~1.5 s to import
+
         with errors_named("--voc-head"):
             log.info("%s", load_voc_head(model, args.voc_head, class_names))
     return model, encoder_source
