@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 from PIL import Image
 
 import test as test_script
+from tests.conftest import ROOT
 from tests.tiny_checkpoint import make_checkpoint
 from utils.data.corruptions import CORRUPTIONS, CorruptionError, corrupt, parse_corruptions, parse_severities
 from utils.evaluation.metrics import ConfusionMatrix
@@ -137,3 +140,12 @@ def test_bad_robustness_options_are_one_line_errors(two_class, options, message,
     data, checkpoint, root = two_class
     assert run_test(data, checkpoint, root / "bad", *options) == 2
     assert message in capsys.readouterr().err
+
+
+def test_test_py_starts_without_kornia_or_torchvision_until_it_corrupts():
+    """They take ~4 s of every test.py start (each torchrun rank's too); only --corruptions needs them."""
+    code = ("import sys; sys.argv = ['test.py']; import test; "
+            "print(sorted({'kornia', 'torchvision'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
