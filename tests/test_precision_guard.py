@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 from tests.synthetic_coco import make_coco
 from tests.tiny_checkpoint import make_checkpoint
 from tools import guard_precision
+from utils import precision
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.classes import COCO_CLASSES
 from utils.data.coco_convert import convert
@@ -248,3 +250,14 @@ def test_fp16_is_asked_for_on_cuda_only():
     with pytest.raises(ValueError, match="fp16 runs on CUDA only"):
         predictor_module.choose_precision("fp16", torch.device("cpu"), lambda dtype: True)
     assert predictor_module.choose_precision("fp16", torch.device("cuda"), lambda dtype: False) == "fp16"
+
+
+@pytest.mark.parametrize("flags, kind, named", [({"avx2", "fma"}, "avx2", "avx2"),
+                                                ({"avx2", "avx512f", "avx512_bf16"}, "avx512_bf16",
+                                                 "avx2 avx512f avx512_bf16"),
+                                                ({"avx2", "avx512f", "amx_tile", "amx_bf16"}, "amx",
+                                                 "avx2 avx512f amx_bf16 amx_tile")])
+def test_the_cpu_is_named_by_its_flags_for_verdicts_and_for_timings(monkeypatch, flags, kind, named):
+    monkeypatch.setattr(precision, "cpu_model_and_flags", lambda: ("Some CPU", frozenset(flags)))
+    assert precision.cpu_kind.__wrapped__() == kind  # past the cache, which holds this machine's
+    assert precision.cpu_description() == f"Some CPU, {len(os.sched_getaffinity(0))} cores, {named}"
