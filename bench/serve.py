@@ -8,14 +8,15 @@ For each setting WORKERSxTHREADS it starts gunicorn (app/gunicorn.conf.py) on a 
 port with that many workers and torch threads per worker (WORKERSxTHREADSxR: and R request
 threads per worker, SEG_THREADS_PER_WORKER), waits until every worker has loaded
 the model, warms up, then runs N clients that POST the same 640x480 JPEG to /json for a fixed
-time.  Prints requests/s, p50/p95/p99 latency, errors and the workers' RSS before and after;
-and, measured before any server starts, one prediction of that photo in one thread on the
-backend and precision the service picks (SEG_BACKEND, SEG_PRECISION), so that throughput is
-compared with the machine's capacity (cores / prediction time).  With --url it
-loads an already running service instead (no RSS).  --front starts it as `make run` does
-(serve.py: nginx in front of gunicorn); --bad-every N makes every Nth request of each client a bad
-upload (in turn: not an image, a truncated JPEG, an empty file, a bad query), which must get its
-4xx; anything else counts as an error.  Last line: ``ratio: X.XX``, the best
+time.  Prints requests/s, p50/p95/p99 latency, errors, the workers' RSS before and after, and
+the CPU each request cost the workers, the rest of the service and the clients (which share
+this machine's cores).  Throughput is compared with the machine's capacity (cores / prediction
+time): one prediction of that photo in one thread on the backend and precision the service
+picks (SEG_BACKEND, SEG_PRECISION), measured right before each setting starts.  With --url it
+loads an already running service instead (no RSS, no CPU shares).  --front starts it as `make
+run` does (serve.py: nginx in front of gunicorn); --bad-every N makes every Nth request of each
+client a bad upload (in turn: not an image, a truncated JPEG, an empty file, a bad query), which
+must get its 4xx; anything else counts as an error.  Last line: ``ratio: X.XX``, the best
 throughput over that capacity (goal >= 0.8).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -62,17 +64,19 @@ class LoadResult:
         return len(self.latencies) / self.seconds
 
 
-def prediction_ms(checkpoint: str, jpeg: bytes, precision: str, backend: str,
-                  repeat: int = 10) -> tuple[float, Predictor]:
-    """Median prediction of the photo in one thread, on the backend and in the precision the
-    service would pick: what each request costs the cores, HTTP and encoding aside."""
-    before = torch.get_num_threads()
-    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", threads=1, precision=precision, backend=backend)
+def one_thread_predictor(checkpoint: str, precision: str, backend: str) -> Predictor:
+    """The network on the backend and in the precision the service would pick, in one thread."""
+    return Predictor.from_checkpoint(checkpoint, device="cpu", threads=1, precision=precision, backend=backend)
+
+
+def capacity(predictor: Predictor, jpeg: bytes, repeat: int = 10) -> tuple[float, float]:
+    """(median one-thread prediction of the photo in ms, cores / that in requests per second): what
+    each request costs the cores, HTTP and encoding aside.  Measured right before each load, as
+    this machine's speed drifts by 20 % over minutes."""
     image = decode_image(jpeg, 40_000_000)
     with torch.inference_mode():
         ms = median_ms(lambda: predictor.predict(image), repeat)
-    torch.set_num_threads(before)
-    return ms, predictor
+    return ms, cores() * 1000 / ms
 
 
 def free_port() -> int:
@@ -126,6 +130,14 @@ class Service:
                            if b"gunicorn" in Path(f"/proc/{child}/cmdline").read_bytes()), master)
         return children(master)
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU used so far by the workers, and by the rest of the service (gunicorn's master; behind
+        the front, also nginx and serve.py)."""
+        workers = self.worker_pids()
+        everything = [self.process.pid, *descendants(self.process.pid)]
+        return (sum(map(process_cpu_seconds, workers)),
+                sum(process_cpu_seconds(pid) for pid in everything if pid not in workers))
+
     def rss_mb(self) -> list[float]:
         """Resident memory of each worker (VmRSS in /proc/<pid>/status)."""
         sizes = []
@@ -154,6 +166,28 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             pids.append(int(stat.parent.name))
     return sorted(pids)
+
+
+def descendants(pid: int) -> list[int]:
+    found = []
+    for child in children(pid):
+        found += [child, *descendants(child)]
+    return found
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (fields 14 and 15 of /proc/<pid>/stat); 0 once it has ended."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """This process's CPU (all its threads): what the clients cost the machine's cores."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def post(url: str, jpeg: bytes, bad: int | None) -> tuple[bool, bool]:
@@ -216,6 +250,15 @@ def report(label: str, result: LoadResult, capacity: float, rss: tuple[list[floa
           f"  errors {result.errors}  requests {len(result.latencies)}  bad ones answered {result.bad}{memory}")
 
 
+def report_cpu(workers: float, rest: float, clients: float, result: LoadResult) -> None:
+    """Where the cores went: on this one machine the clients and the front share them with the workers."""
+    answered = len(result.latencies) + result.bad + result.errors
+    per_request = (f"{name} {seconds * 1000 / max(1, answered):.0f}" for name, seconds in
+                   (("workers", workers), ("rest of the service", rest), ("these clients", clients)))
+    print(f"{'':<10}CPU ms per request: {', '.join(per_request)}; "
+          f"{(workers + rest + clients) / result.seconds:.2f} of {cores()} cores busy")
+
+
 def parse_setting(setting: str) -> tuple[int, int, int | None]:
     """WORKERSxTHREADS or WORKERSxTHREADSxREQUEST_THREADS -> (workers, threads, request threads or None)."""
     parts = setting.lower().split("x")
@@ -226,16 +269,27 @@ def parse_setting(setting: str) -> tuple[int, int, int | None]:
     return workers, threads, request_threads[0] if request_threads else None
 
 
-def run_setting(setting: str, args: argparse.Namespace, jpeg: bytes, capacity: float, results: Path) -> float:
+def run_setting(setting: str, args: argparse.Namespace, jpeg: bytes, predictor: Predictor, results: Path) -> float:
+    """Load the service in this setting; returns its throughput over capacity."""
     workers, threads, request_threads = parse_setting(setting)
+    capacity_now = report_capacity(predictor, jpeg)
     with Service(args.checkpoint, workers, threads, args.precision, results, front=args.front,
                  request_threads=request_threads) as service:
         service.wait_until_loaded()
         load(service.url, jpeg, args.clients, args.warmup)
-        before = service.rss_mb()
+        before, cpu_before = service.rss_mb(), (*service.cpu_seconds(), own_cpu_seconds())
         result = load(service.url, jpeg, args.clients, args.duration, args.bad_every)
-        report(setting, result, capacity, (before, service.rss_mb()))
-    return result.requests_per_second
+        cpu = [end - start for end, start in zip((*service.cpu_seconds(), own_cpu_seconds()), cpu_before, strict=True)]
+        report(setting, result, capacity_now, (before, service.rss_mb()))
+        report_cpu(*cpu, result)
+    return result.requests_per_second / capacity_now
+
+
+def report_capacity(predictor: Predictor, jpeg: bytes) -> float:
+    ms, requests_per_second = capacity(predictor, jpeg)
+    print(f"one prediction ({predictor.backend} {predictor.precision}, 1 thread): {ms:.1f} ms -> capacity "
+          f"{cores()} cores / prediction = {requests_per_second:.2f} req/s")
+    return requests_per_second
 
 
 def main() -> None:
@@ -260,22 +314,20 @@ def main() -> None:
     jpeg = photo_jpeg(args.width, args.height)
     print(background_load() + machine())
     backend = settings.from_environment()["BACKEND"]  # what the service will run
-    predict_ms, predictor = prediction_ms(args.checkpoint, jpeg, args.precision, backend)
-    capacity = cores() * 1000 / predict_ms
+    predictor = one_thread_predictor(args.checkpoint, args.precision, backend)
     print(f"{Path(args.checkpoint).name}, {args.width}x{args.height} JPEG, {args.clients} clients, "
           f"{args.duration:.0f} s per setting")
-    print(f"one prediction ({predictor.backend} {predictor.precision}, 1 thread): {predict_ms:.1f} ms -> capacity "
-          f"{cores()} cores / prediction = {capacity:.2f} req/s")
     if args.url:
+        capacity_now = report_capacity(predictor, jpeg)
         load(args.url, jpeg, args.clients, args.warmup)
         result = load(args.url, jpeg, args.clients, args.duration, args.bad_every)
-        report("--url", result, capacity, None)
-        best = result.requests_per_second
+        report("--url", result, capacity_now, None)
+        best = result.requests_per_second / capacity_now
     else:
         with tempfile.TemporaryDirectory() as folder:
-            best = max(run_setting(setting, args, jpeg, capacity, Path(folder)) for setting in args.settings.split(","))
-    print(f"ratio: {best / capacity:.2f}")
-
+            best = max(run_setting(setting, args, jpeg, predictor, Path(folder))
+                       for setting in args.settings.split(","))
+    print(f"ratio: {best:.2f}")
 
 if __name__ == "__main__":
     main()
