@@ -7,6 +7,7 @@ from pathlib import Path
 from flask import Flask
 
 from app import metrics, request_ids, security, settings
+from app.results import PruneSchedule
 from app.segmenter import Segmenter
 
 
@@ -19,6 +20,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["segmenter"] = Segmenter(app.config["CHECKPOINT"], app.config["TORCH_THREADS"],
                                             app.config["PRECISION"], app.config["COMPILE"], app.config["DEVICE"],
                                             app.config["BACKEND"])
+    app.extensions["prune_schedule"] = PruneSchedule(app.config["RESULTS_PRUNE_INTERVAL_S"])
 
     from app import routes
     app.register_blueprint(routes.blueprint)

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -98,6 +99,25 @@ class ResultFiles:
                 raise ResultsFull("the server's disk is full: the result could not be stored; try again later") \
                     from error
             raise
+
+
+class PruneSchedule:
+    """Whether this process should prune now: at most once per ``interval_s`` (0: after every
+    result).  A prune stats every result file, 9 ms at 500 results; after every request that was
+    5 % of a prediction's time, for a count that may run over by at most a second's results."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def due(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                return False
+            self._next = now + self.interval_s
+            return True
 
 
 def prune_results(folder: Path, keep: int, max_age_s: int, max_bytes: int, current: str | None = None) -> int:

@@ -52,8 +52,8 @@ def token_refused() -> tuple[Response, int, dict]:
 
 def segment_and_store(options: ApiOptions, keep_photo: bool = False) -> tuple[Segmentation, ResultFiles, str]:
     """Decode the request's image, segment it and store the result (overlay, class ids, the API's
-    JSON and, when ``keep_photo``, the photo) all or nothing; then prune old results.  Returns the
-    result, its files and the API's answer."""
+    JSON and, when ``keep_photo``, the photo) all or nothing; then prune old results when due.
+    Returns the result, its files and the API's answer."""
     config = current_app.config
     data = upload_bytes(request)
     with metrics.stage("decode"):
@@ -69,8 +69,9 @@ def segment_and_store(options: ApiOptions, keep_photo: bool = False) -> tuple[Se
             files.save_jpeg("photo", image)
         answer = api_answer(result, files, options)
         files.save_json(answer)
-    prune_results(files.folder, config["RESULTS_KEEP"], config["RESULTS_MAX_AGE_S"], config["RESULTS_MAX_BYTES"],
-                  current=files.id)
+    if current_app.extensions["prune_schedule"].due():
+        prune_results(files.folder, config["RESULTS_KEEP"], config["RESULTS_MAX_AGE_S"], config["RESULTS_MAX_BYTES"],
+                      current=files.id)
     return result, files, answer
 
 

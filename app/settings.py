@@ -54,6 +54,7 @@ def from_environment() -> dict:
         "RESULTS_KEEP": _int("SEG_RESULTS_KEEP", 500),
         "RESULTS_MAX_AGE_S": _int("SEG_RESULTS_MAX_AGE_S", 24 * 3600),
         "RESULTS_MAX_BYTES": _int("SEG_RESULTS_MAX_BYTES", 2 * 1024**3),
+        "RESULTS_PRUNE_INTERVAL_S": _int("SEG_RESULTS_PRUNE_INTERVAL_S", 1),
         "RESULTS_MIN_FREE_BYTES": _int("SEG_RESULTS_MIN_FREE_BYTES", 256 * 1024**2),
         "RESULT_URL_TTL_S": _int("SEG_RESULT_URL_TTL_S", 3600),
         # Flask answers 400 to any other Host header, so no URL the service makes names a forged host.

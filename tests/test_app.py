@@ -354,7 +354,7 @@ def test_results_never_serve_anything_else(client, tmp_path, path):
 
 
 def test_retention_keeps_count_and_age_of_whole_results(make_client, tmp_path):
-    client = make_client(RESULTS_KEEP=3)
+    client = make_client(RESULTS_KEEP=3, RESULTS_PRUNE_INTERVAL_S=0)  # prunes after every result
     folder = tmp_path / "results"
     for _ in range(4):
         assert post_file(client, encoded(photo())).status_code == 200
@@ -372,6 +372,19 @@ def test_retention_keeps_count_and_age_of_whole_results(make_client, tmp_path):
     assert not any(path.exists() for path in old + [orphan]) and other.exists()
     assert len(list(folder.glob("*.png"))) == len(list(folder.glob("*.json"))) == 3
     assert not list(folder.glob(".*.tmp"))
+
+
+def test_results_are_pruned_at_most_once_an_interval(make_client, tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("app.results.time.monotonic", lambda: clock[0])
+    client = make_client(RESULTS_KEEP=1, RESULTS_PRUNE_INTERVAL_S=1)
+    folder = tmp_path / "results"
+    for _ in range(3):
+        assert post_file(client, encoded(photo())).status_code == 200
+    assert len(list(folder.glob("*.json"))) == 3  # the first pruned an empty folder; the next two were not due
+    clock[0] += 1
+    assert post_file(client, encoded(photo())).status_code == 200
+    assert len(list(folder.glob("*.json"))) == 1
 
 
 def test_health_readiness_and_model_info(client):

@@ -196,7 +196,8 @@ def test_temporary_files_a_killed_worker_left_are_removed_once_stale(tmp_path):
 
 
 def test_the_service_keeps_its_results_within_the_byte_budget(make_client):
-    client = make_client(RESULTS_MAX_BYTES=1)  # smaller than any result: only the newest is kept
+    # Smaller than any result, pruned after each: only the newest is kept.
+    client = make_client(RESULTS_MAX_BYTES=1, RESULTS_PRUNE_INTERVAL_S=0)
     for _ in range(3):
         body = post_file(client, encoded(photo())).get_json()
         assert client.get(local(body["json_url"])).status_code == 200
