@@ -19,10 +19,10 @@ from pathlib import Path
 bind = os.environ.get("SEG_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("SEG_WORKERS", "2"))
 threads = int(os.environ.get("SEG_THREADS_PER_WORKER", "2"))
-# Every worker may use every core: a request spends about 40% of its time outside the network
-# (decode, argmax, overlay, HTTP), when the other worker's forward can take both cores.  On 2 cores
-# with 4 clients, 2 workers x 2 torch threads served 10.6 req/s against 9.9 for 2 x 1 (p99 675 vs
-# 819 ms) and 6.3 for 1 x 2 (bench/README.md).  Set before the fork, so every worker reads it.
+# Every worker may use every core: a lone request then has both for its forward (the default
+# model's service path 122-127 ms against ~190 ms in one thread), and under load 2 workers x 2
+# threads served as much as 2 x 1 (8.45 vs 8.37 req/s side by side with 4 clients; bench/README.md).
+# Set before the fork, so every worker reads it.
 os.environ.setdefault("SEG_THREADS", str(len(os.sched_getaffinity(0))))
 worker_class = "gthread"
 timeout = int(os.environ.get("SEG_TIMEOUT", "120"))
