@@ -20,8 +20,9 @@ bind = os.environ.get("SEG_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("SEG_WORKERS", "2"))
 threads = int(os.environ.get("SEG_THREADS_PER_WORKER", "2"))
 # Every worker may use every core: a lone request then has both for its forward (the default
-# model's service path 122-127 ms against ~190 ms in one thread), and under load 2 workers x 2
-# threads served as much as 2 x 1 (8.45 vs 8.37 req/s side by side with 4 clients; bench/README.md).
+# model's service path 121.7-126.6 ms, against a one-thread prediction of 179-208 ms), and under
+# load 2 workers x 2 threads served as much as 2 x 1 (8.45 vs 8.37 req/s side by side with 4
+# clients); bench/README.md has both.
 # Set before the fork, so every worker reads it.
 os.environ.setdefault("SEG_THREADS", str(len(os.sched_getaffinity(0))))
 worker_class = "gthread"

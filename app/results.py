@@ -15,7 +15,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,14 +106,15 @@ class PruneSchedule:
     result).  A prune stats every result file, 9 ms at 500 results; after every request that was
     5 % of a prediction's time, for a count that may run over by at most a second's results."""
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval_s = interval_s
+        self.clock = clock
         self._next = 0.0
         self._lock = threading.Lock()
 
     def due(self) -> bool:
         with self._lock:
-            now = time.monotonic()
+            now = self.clock()
             if now < self._next:
                 return False
             self._next = now + self.interval_s
@@ -153,8 +154,8 @@ def in_progress(names: list[str], age_s: float) -> bool:
 
 def scan_results(folder: Path) -> tuple[dict[str, list[str]], dict[str, int], dict[str, float], list[str]]:
     """The results in ``folder`` (id -> file names, id -> bytes, id -> when its overlay was written)
-    and its stale temporary files.  One stat per file: this runs after every request, over up to
-    RESULTS_KEEP results (a second stat per overlay made it 8.7 ms at 500 results)."""
+    and its stale temporary files.  One stat per file: each worker runs this up to once a second,
+    over up to RESULTS_KEEP results (a second stat per overlay made it 8.7 ms at 500 results)."""
     names: dict[str, list[str]] = {}
     sizes: dict[str, int] = {}
     written: dict[str, float] = {}

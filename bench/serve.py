@@ -12,7 +12,7 @@ time.  Prints requests/s, p50/p95/p99 latency, errors, the workers' RSS before a
 the CPU each request cost the workers, the rest of the service and the clients (which share
 this machine's cores).  Throughput is compared with the machine's capacity (cores / prediction
 time): one prediction of that photo in one thread on the backend and precision the service
-picks (SEG_BACKEND, SEG_PRECISION), the faster of its timings just before and just after each
+picks (SEG_BACKEND, SEG_PRECISION), the faster of its timings before and after each setting's
 load.  With --url it loads an already running service instead (no RSS, no CPU shares).
 --front starts it as `make run` does (serve.py: nginx in front of gunicorn); --bad-every N
 makes every Nth request of each client a bad upload (in turn: not an image, a truncated JPEG,
@@ -120,20 +120,24 @@ class Service:
                 raise SystemExit(f"error: gunicorn did not load {self.workers} workers (exit {self.process.poll()})")
             time.sleep(0.2)
 
-    def worker_pids(self) -> list[int]:
-        """gunicorn's workers: the master's children (behind the front, the master is serve.py's child)."""
+    def master_pid(self) -> int:
+        """gunicorn's master (behind the front, serve.py's gunicorn child)."""
         master = self.process.pid
-        if b"gunicorn" not in Path(f"/proc/{master}/cmdline").read_bytes():  # serve.py: its gunicorn child
+        if b"gunicorn" not in Path(f"/proc/{master}/cmdline").read_bytes():
             master = next((child for child in children(master)
                            if b"gunicorn" in Path(f"/proc/{child}/cmdline").read_bytes()), master)
-        return children(master)
+        return master
+
+    def worker_pids(self) -> list[int]:
+        return children(self.master_pid())
 
     def cpu_seconds(self) -> tuple[float, float]:
-        """CPU used so far by the workers, and by the rest of the service (gunicorn's master; behind
-        the front, also nginx and serve.py)."""
-        workers = self.worker_pids()
+        """CPU used so far by the workers, living and reaped (a respawned worker neither takes its
+        predecessor's CPU away nor hides its own), and by the rest of the service (gunicorn's
+        master; behind the front, also nginx and serve.py)."""
+        master, workers = self.master_pid(), self.worker_pids()
         everything = [self.process.pid, *descendants(self.process.pid)]
-        return (sum(map(process_cpu_seconds, workers)),
+        return (sum(map(process_cpu_seconds, workers)) + process_cpu_seconds(master, reaped_children=True),
                 sum(process_cpu_seconds(pid) for pid in everything if pid not in workers))
 
     def rss_mb(self) -> list[float]:
@@ -167,19 +171,22 @@ def children(pid: int) -> list[int]:
 
 
 def descendants(pid: int) -> list[int]:
+    """Children, grandchildren and so on of ``pid``."""
     found = []
     for child in children(pid):
         found += [child, *descendants(child)]
     return found
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (fields 14 and 15 of /proc/<pid>/stat); 0 once it has ended."""
+def process_cpu_seconds(pid: int, reaped_children: bool = False) -> float:
+    """User + system CPU of a process so far (fields 14 and 15 of /proc/<pid>/stat), or of its
+    children it has reaped (fields 16 and 17); 0 once it has ended."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    first = 13 if reaped_children else 11
+    return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu_seconds() -> float:
@@ -286,8 +293,8 @@ def run_setting(setting: str, args: argparse.Namespace, jpeg: bytes, predictor: 
 
 
 def report_capacity(predictor: Predictor, before_ms: float, after_ms: float) -> float:
-    """Cores / the faster of the predictions timed just before and just after a load: this
-    machine's speed drifts (179-282 ms over minutes), and the faster is the stricter capacity."""
+    """Cores / the faster of the predictions timed before and after a setting's load: this
+    machine's speed drifts, and the faster is the stricter capacity."""
     faster = min(before_ms, after_ms)
     capacity = cores() * 1000 / faster
     print(f"one prediction ({predictor.backend} {predictor.precision}, 1 thread): {before_ms:.1f} ms before, "
@@ -332,6 +339,7 @@ def main() -> None:
             best = max(run_setting(setting, args, jpeg, predictor, Path(folder))
                        for setting in args.settings.split(","))
     print(f"ratio: {best:.2f}")
+
 
 if __name__ == "__main__":
     main()
