@@ -104,7 +104,7 @@ class ResultFiles:
 class PruneSchedule:
     """Whether this process should prune now: at most once per ``interval_s`` (0: after every
     result).  A prune stats every result file, 9 ms at 500 results; after every request that was
-    5 % of a prediction's time, for a count that may run over by at most a second's results."""
+    5 % of a prediction's time, for a count that may run over by at most an interval's results."""
 
     def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval_s = interval_s
@@ -154,8 +154,8 @@ def in_progress(names: list[str], age_s: float) -> bool:
 
 def scan_results(folder: Path) -> tuple[dict[str, list[str]], dict[str, int], dict[str, float], list[str]]:
     """The results in ``folder`` (id -> file names, id -> bytes, id -> when its overlay was written)
-    and its stale temporary files.  One stat per file: each worker runs this up to once a second,
-    over up to RESULTS_KEEP results (a second stat per overlay made it 8.7 ms at 500 results)."""
+    and its stale temporary files.  One stat per file: each worker runs this once per PruneSchedule
+    interval at most, over up to RESULTS_KEEP results (a second stat per overlay made it 8.7 ms at 500 results)."""
     names: dict[str, list[str]] = {}
     sizes: dict[str, int] = {}
     written: dict[str, float] = {}
