@@ -105,7 +105,11 @@ def compiled_forward(model: nn.Module, device: torch.device, precision: str) -> 
     # SMP's U-Net at 48x64 crashed (double free) on AVX-512 and gave logits of 1e22 with AVX2
     # kernels, both gone without it.
     options = {"freezing": True, "cpp.enable_loop_tail_vec": False}
-    return torch.compile(torch_forward(model, device, precision), dynamic=True, options=options)
+    compiled = torch.compile(torch_forward(model, device, precision), dynamic=True, options=options)
+    # Under dynamic=True dynamo also makes the modules' float attributes symbolic, fails to turn
+    # them into tensors and traces the whole network again (a tiny U-Net: 12 s of its 30 s warm-up
+    # on an AVX2 EPYC); they are constants of the network, so they are specialised from the start.
+    return torch._dynamo.config.patch(specialize_float=True)(compiled)
 
 
 @dataclass(frozen=True)
