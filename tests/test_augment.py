@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,8 +13,10 @@ import torch
 from torchvision import tv_tensors
 
 import train
+from tests.conftest import ROOT
 from tests.test_transforms import blocky_pair, denormalise, interior
-from utils.data.augment import PRESETS, GridDistortion, augmentation, moving_geometry, train_transform
+from utils.data.augment import PRESETS, augmentation, train_transform
+from utils.data.augment_effects import GridDistortion, moving_geometry
 from utils.training.state import plain_config
 
 CROP = 96
@@ -143,3 +147,14 @@ def test_an_unknown_preset_is_one_clear_error():
 def test_the_preset_is_a_training_argument_kept_in_the_checkpoint():
     assert train.parse_args([]).augment == "basic"
     assert plain_config(train.parse_args(["--augment", "weather"]))["augment"] == "weather"
+
+
+def test_train_py_starts_without_kornia_or_torchvision_until_a_preset_or_a_model_needs_them():
+    """They take ~4 s of every train.py start (each torchrun rank's too); the basic preset on our own
+    U-Net needs neither, and a preset that does still gets them."""
+    code = ("import sys; sys.argv = ['train.py']; import train; from utils.data.augment import train_transform; "
+            "loaded = lambda: sorted({'kornia', 'torchvision'} & set(sys.modules)); "
+            "train_transform('basic', 64); print(loaded()); train_transform('weather', 64); print(loaded())")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[:2] == ["[]", "['kornia', 'torchvision']"]

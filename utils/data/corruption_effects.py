@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from kornia.contrib import diamond_square
 from PIL import Image
 
-from utils.data.augment import Fog
+from utils.data.augment_effects import Fog
 
 
 def pick(values: tuple, severity: int):

@@ -17,7 +17,6 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from model import build_model, load_pretrained, min_input_size, model_meta, never_predict
-from model.deeplab_voc import load_voc_teacher
 from model.encoder_weights import load_encoder_weights
 from utils import distributed
 from utils.classes import VOC_CLASSES, never_labelled_ids
@@ -148,6 +147,8 @@ def make_distillation(args: argparse.Namespace, class_names: list[str],
                       device: torch.device) -> GroupedDistillation | None:
     if not args.distill_from:
         return None
+    from model.deeplab_voc import load_voc_teacher  # only here: torchvision takes ~2 s to import
+
     with errors_named("--distill-from"):
         return GroupedDistillation(load_voc_teacher(args.distill_from), VOC_CLASSES, class_names,
                                    args.distill_weight).to(device, memory_format=torch.channels_last)
