@@ -1,12 +1,15 @@
 """Train several configurations briefly under one torchrun launch (tests/test_ddp_matrix.py).
 
-    torchrun --nproc_per_node=2 -m tests.ddp_matrix OUT.json WEIGHTS.pth NAME... -- TRAIN_OPTIONS...
+    torchrun --nproc_per_node=2 -m tests.ddp_matrix OUT.json WEIGHTS.pth COUNTS.json NAME... \
+        -- TRAIN_OPTIONS... -- TEST_OPTIONS...
 
 Each configuration goes through train.py's own set-up and epochs (``prepare``, ``run_epoch``),
 all in one process group (a gloo group cannot be joined again once left); rank 0 writes, per
 name, the epoch rows, whether every rank ended with the same parameters, and which epochs
 changed the encoder's.  An error is recorded
 and the next configuration runs: a configuration that DDP refuses fails on every rank alike.
+Then test.py runs with TEST_OPTIONS in the same group, last, as it leaves the group when done;
+its exit code is recorded under "test.py".  One launch for all: each rank's start costs seconds.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+import test as test_script
 import train
 from utils import distributed
 from utils.fileio import write_text
@@ -84,18 +88,23 @@ def train_configuration(argv: list[str]) -> dict:
 
 def main(argv: list[str]) -> int:
     out, weights, class_counts, *rest = argv
-    split = rest.index("--")
-    names, common = rest[:split], rest[split + 1:]
+    first, second = (index for index, word in enumerate(rest) if word == "--")
+    names, common, evaluation = rest[:first], rest[first + 1:second], rest[second + 1:]
     known = configurations(weights, class_counts)
     results = {}
+
+    def record(name: str, run, options: list[str]) -> None:
+        try:
+            results[name] = run(options)
+        except Exception as error:  # recorded for the test to report; the next configuration still runs
+            results[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+        if os.environ.get("RANK", "0") == "0":  # after each one, so a hang still leaves what ran
+            write_text(out, json.dumps(results, indent=1))
+
     try:
         for name in names:
-            try:
-                results[name] = train_configuration(common + known[name])
-            except Exception as error:  # recorded for the test to report; the next configuration still runs
-                results[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
-            if os.environ.get("RANK", "0") == "0":  # after each one, so a hang still leaves what ran
-                write_text(out, json.dumps(results, indent=1))
+            record(name, train_configuration, common + known[name])
+        record("test.py", lambda options: {"code": test_script.main(options)}, evaluation)
     finally:
         distributed.cleanup()
     return 0

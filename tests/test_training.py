@@ -200,19 +200,12 @@ def _torchrun(script: str, args: list[str]) -> subprocess.CompletedProcess:
                            script, *args], cwd=ROOT, capture_output=True, text=True, env=environment, timeout=300)
 
 
-def test_two_process_torchrun_trains_and_reduces_like_one_process(trained, coco_root, tmp_path):
+def test_two_process_torchrun_trains(coco_root, tmp_path):
+    """train.py itself under torchrun; test.py's two processes are checked beside the matrix
+    (tests/test_ddp_matrix.py), in the same launch."""
     result = _torchrun("train.py", data_args(coco_root, tmp_path / "ddp") + TINY + ["--epochs", "2"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert [int(r["epoch"]) for r in read_log(tmp_path / "ddp")] == [1, 2]
-
-    evaluate = ["--checkpoint", str(trained / "model_final.pth"), "--workers", "0", "--val-split", "train2017"]
-    result = _torchrun("test.py", evaluate + data_args(coco_root, tmp_path / "two"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert test_script.main(evaluate + data_args(coco_root, tmp_path / "one")) == 0
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    assert two["confusion_matrix"] == one["confusion_matrix"]
-    assert sum(map(sum, one["confusion_matrix"])) > 0
 
 
 def test_cuda_path_runs_where_cuda_exists(coco_root, tmp_path):
