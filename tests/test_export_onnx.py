@@ -86,7 +86,10 @@ def test_the_default_models_architecture_exports_with_its_masked_classes():
     model = build_model("smp_unet", num_classes=91, encoder="mobilenet_v2", encoder_output_stride=16, voc_head=True,
                         logit_stride=4)
     never_predict(model, never_labelled_ids(COCO_CLASSES))
+    inplace = [module.inplace for module in model.modules() if hasattr(module, "inplace")]
     session = onnxruntime_session(export_onnx(model.eval()), threads=1)
+    # MobileNetV2's ReLU6s are exported out of place (faster) and given back in place.
+    assert any(inplace) and [module.inplace for module in model.modules() if hasattr(module, "inplace")] == inplace
     images = torch.randn(1, 3, 53, 75)
     logits = run_session(session, images)
     with torch.inference_mode():
