@@ -20,6 +20,9 @@ RUN useradd --create-home --uid 10001 seg
 COPY --chown=seg:seg . .
 RUN mkdir -p save/results && chown -R seg:seg save
 USER seg
+# OpenVINO sends anonymous usage telemetry to Google Analytics unless its user opted out; the image
+# opts out with OpenVINO's own command (README, "Serving").
+RUN opt_in_out --opt_out
 
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -19,6 +19,11 @@ SHARED_WEIGHTS = ROOT.parent / "shared" / "weights"
 # checkpoint once: the app tests, each on checkpoints of their own, run on torch unless they ask
 # (tests/test_openvino.py serves on OpenVINO, in a test client and under gunicorn).
 os.environ.setdefault("SEG_BACKEND", "torch")
+# OpenVINO collects usage telemetry by default: every model conversion forked the test process 48
+# times to post to Google Analytics (25 s of a 2-minute run of its test files, AVX2 EPYC). Tests
+# never use the network; OpenVINO's own switch for test jobs turns it off, here and in the servers
+# the tests start.
+os.environ.setdefault("CI", "true")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One torch thread per test process: the suite runs a process per core (pytest -n auto), and
