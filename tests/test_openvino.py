@@ -3,6 +3,7 @@ checkpoint's own."""
 from __future__ import annotations
 
 import logging
+import multiprocessing.process
 import os
 import shutil
 import time
@@ -70,6 +71,15 @@ def test_the_ir_is_named_by_the_checkpoint_and_reused(checkpoint, monkeypatch):
         raise AssertionError("converted again although the cache holds this checkpoint's IR")
     monkeypatch.setattr(openvino_runtime, "convert", never)
     Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino")
+
+
+def test_a_conversion_sends_no_telemetry(tmp_path, monkeypatch):
+    """OpenVINO posts usage telemetry from a process it starts for each event unless told not to;
+    the tests never use the network (tests/conftest.py turns it off)."""
+    started = []
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", lambda process: started.append(process))
+    Predictor.from_checkpoint(make_checkpoint(tmp_path / "tiny.pth"), device="cpu", backend="openvino")
+    assert ir_files(tmp_path / "tiny.pth") and not started
 
 
 def truncate(data: bytes) -> bytes:
