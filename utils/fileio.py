@@ -64,9 +64,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         image = scaled_to_8_bits(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
+        if image.mode != "RGBA":  # convert() would copy an RGBA image all the same
+            image = image.convert("RGBA")
         on_white = Image.new("RGB", image.size, (255, 255, 255))
-        on_white.paste(image, mask=image.getchannel("A"))
+        on_white.paste(image, mask=image)  # an RGBA mask is its alpha band, without a copy of it
         return on_white
     return image if image.mode == "RGB" else image.convert("RGB")
 
