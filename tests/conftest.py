@@ -25,10 +25,21 @@ os.environ.setdefault("SEG_BACKEND", "torch")
 # the tests start.
 os.environ.setdefault("CI", "true")
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # One torch thread per test process: the suite runs a process per core (pytest -n auto), and
-    # two processes of two threads each on two cores would only preempt each other.
+# One torch thread per test process: the suite runs a process per core (pytest -n auto), and two
+# processes of two threads each on two cores only preempt each other (a 7.5-second fixture cost
+# 30 s of CPU in 24 s after a test app had set two threads, AMD EPYC avx512_bf16).
+ONE_THREAD = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if ONE_THREAD:
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Back to one thread after each test: the code under test sets torch's threads where it is
+    asked to (``threads=``, SEG_THREADS), for the whole process."""
+    yield
+    if ONE_THREAD and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -242,6 +242,9 @@ def test_loopback_binds_are_told_apart(monkeypatch, bind, loopback):
 def gunicorn_settings(monkeypatch, **environment):
     for name in ("SEG_BIND", "SEG_API_TOKEN", "SEG_PAGE_PUBLIC", "SEG_PUBLIC_BIND"):
         monkeypatch.delenv(name, raising=False)
+    # The file sets SEG_THREADS (every core) by setdefault: set here, monkeypatch takes it back. Left
+    # behind, every later test app in this process would run torch on every core.
+    environment = {"SEG_THREADS": "1", **environment}
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     spec = importlib.util.spec_from_file_location("gunicorn_conf", ROOT / "app" / "gunicorn.conf.py")
