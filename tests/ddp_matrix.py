@@ -1,15 +1,16 @@
 """Train several configurations briefly under one torchrun launch (tests/test_ddp_matrix.py).
 
     torchrun --nproc_per_node=2 -m tests.ddp_matrix OUT.json WEIGHTS.pth COUNTS.json NAME... \
-        -- TRAIN_OPTIONS... -- TEST_OPTIONS...
+        -- TRAIN_OPTIONS... -- TRAIN_PY_OPTIONS... -- TEST_OPTIONS...
 
 Each configuration goes through train.py's own set-up and epochs (``prepare``, ``run_epoch``),
 all in one process group (a gloo group cannot be joined again once left); rank 0 writes, per
 name, the epoch rows, whether every rank ended with the same parameters, and which epochs
 changed the encoder's.  An error is recorded
 and the next configuration runs: a configuration that DDP refuses fails on every rank alike.
-Then test.py runs with TEST_OPTIONS in the same group, last, as it leaves the group when done;
-its exit code is recorded under "test.py".  One launch for all: each rank's start costs seconds.
+Then train.py's ``main`` runs with TRAIN_PY_OPTIONS, the group kept for what follows, and test.py
+with TEST_OPTIONS, last, as it leaves the group when done; their exit codes are recorded under
+"train.py" and "test.py".  One launch for all: each rank's start costs seconds.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import hashlib
 import json
 import os
 import sys
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -86,10 +88,16 @@ def train_configuration(argv: list[str]) -> dict:
             "encoder_changed": encoder_changed}
 
 
+def keeping_the_group(options: list[str]) -> dict:
+    """train.py's main under this launch, without its leaving the group (test.py, last, leaves it)."""
+    with mock.patch.object(distributed, "cleanup", lambda: None):
+        return {"code": train.main(options)}
+
+
 def main(argv: list[str]) -> int:
     out, weights, class_counts, *rest = argv
-    first, second = (index for index, word in enumerate(rest) if word == "--")
-    names, common, evaluation = rest[:first], rest[first + 1:second], rest[second + 1:]
+    first, second, third = (index for index, word in enumerate(rest) if word == "--")
+    names, common, script, evaluation = rest[:first], rest[first + 1:second], rest[second + 1:third], rest[third + 1:]
     known = configurations(weights, class_counts)
     results = {}
 
@@ -104,6 +112,7 @@ def main(argv: list[str]) -> int:
     try:
         for name in names:
             record(name, train_configuration, common + known[name])
+        record("train.py", keeping_the_group, script)
         record("test.py", lambda options: {"code": test_script.main(options)}, evaluation)
     finally:
         distributed.cleanup()

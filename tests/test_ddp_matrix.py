@@ -1,8 +1,9 @@
 """Every registry architecture, and every option that changes which parameters learn, trains under
 torchrun (2 processes, gloo): one launch of tests/ddp_matrix.py runs them all, one step an epoch,
-then test.py, whose two processes must count what one process counts."""
+then train.py's own main, then test.py, whose two processes must count what one process counts."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -45,9 +46,10 @@ def matrix(tmp_path_factory) -> dict:
     common = ["--data-dir", str(root), "--mask-dir", str(root / "masks"), "--save-dir", str(root / "save"),
               "--train-split", "train2017", "--val-split", "train2017", "--crop-size", "32", "--batch-size", "2",
               "--workers", "0", "--device", "cpu", "--epochs", "1"]
+    script = [*common, "--model", "unet", "--base-width", "4", "--epochs", "2", "--save-dir", str(root / "script")]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "tests.ddp_matrix", str(out), str(weights), str(root / "masks" / "train2017" / "conversion.json"),
-               *NAMES, "--", *common, "--", *evaluation_args(root, root / "two")]
+               *NAMES, "--", *common, "--", *script, "--", *evaluation_args(root, root / "two")]
     # One thread each: two processes share the cores, and more threads would only wait on each other.
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -72,6 +74,15 @@ def test_trains_under_torchrun_with_the_same_weights_on_every_rank(matrix, name)
 
 def test_a_frozen_encoder_learns_only_after_its_epochs(matrix):
     assert matrix["smp_unet_frozen_encoder"]["encoder_changed"] == [False, True]
+
+
+def test_train_py_itself_trains_under_torchrun(matrix):
+    """train.py's main (its options, set-up, epochs and rank 0's saving), the later --epochs and
+    --save-dir winning over the matrix's."""
+    assert matrix["train.py"] == {"code": 0}
+    with open(matrix["root"] / "script" / "log_train.csv") as handle:
+        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1, 2]
+    assert (matrix["root"] / "script" / "model_final.pth").exists()
 
 
 def test_test_py_under_torchrun_counts_what_one_process_counts(matrix):

@@ -194,20 +194,6 @@ def test_bad_data_gives_a_clear_message(coco_root, tmp_path, capsys):
     assert "outside 0..90" in err and "Traceback" not in err
 
 
-def _torchrun(script: str, args: list[str]) -> subprocess.CompletedProcess:
-    environment = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           script, *args], cwd=ROOT, capture_output=True, text=True, env=environment, timeout=300)
-
-
-def test_two_process_torchrun_trains(coco_root, tmp_path):
-    """train.py itself under torchrun; test.py's two processes are checked beside the matrix
-    (tests/test_ddp_matrix.py), in the same launch."""
-    result = _torchrun("train.py", data_args(coco_root, tmp_path / "ddp") + TINY + ["--epochs", "2"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [int(r["epoch"]) for r in read_log(tmp_path / "ddp")] == [1, 2]
-
-
 def test_cuda_path_runs_where_cuda_exists(coco_root, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine: AMP / cudnn.benchmark path not exercised")
