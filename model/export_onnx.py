@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,8 +19,12 @@ from torch import nn
 
 from model import main_logits, min_input_size
 from utils.errors import UserError
+from utils.fileio import file_sha256
+
+log = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+CHECKPOINT_KEY = "checkpoint_sha256"  # the ONNX file's metadata: the checkpoint it was exported from
 # The U-Net pads an upsampled map only when a pooled size was odd (model.unet_parts.pad_to_match).
 # Tracing at a size that is odd at every pooling level records that pad with amounts computed
 # from the input's shape; the amounts are 0 for other sizes, so the one graph is exact for all.
@@ -75,10 +81,10 @@ def require(module: str) -> None:
         raise MissingPackage(f"{module} is not installed: pip install -r requirements-dev.txt") from error
 
 
-def export_onnx(model: nn.Module) -> bytes:
+def export_onnx(model: nn.Module, checkpoint_sha256: str | None = None) -> bytes:
     """The serialised ONNX model of ``model`` (eval mode, fp32, on the CPU): input ``images``
     N x 3 x H x W, output ``logits`` N x C x H x W, with N, H and W free (H, W >= the smallest
-    check size)."""
+    check size).  ``checkpoint_sha256``, when given, is recorded in its metadata (CHECKPOINT_KEY)."""
     for module in ("onnx", "onnxscript"):
         require(module)
     wrapped = LogitsOnly(model).cpu().float().eval()
@@ -96,6 +102,8 @@ def export_onnx(model: nn.Module) -> bytes:
                                         dynamic_shapes={INPUT_NAME: free}, dynamo=True, optimize=True)
         except torch.onnx.OnnxExporterError as error:  # it wraps the error that matters
             raise NotExportable(f"torch.onnx could not export {type(model).__name__}: {root_cause(error)}") from error
+    if checkpoint_sha256:
+        program.model.metadata_props[CHECKPOINT_KEY] = checkpoint_sha256
     return program.model_proto.SerializeToString()
 
 
@@ -134,6 +142,30 @@ def onnxruntime_session(model: bytes | str | os.PathLike, threads: int | None = 
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     source = model if isinstance(model, bytes) else os.fspath(model)
     return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def exported_file(checkpoint: str | os.PathLike) -> Path:
+    """Where tools/export_onnx.py writes ``checkpoint``'s export by default: beside it, as .onnx."""
+    return Path(checkpoint).with_suffix(".onnx")
+
+
+def checkpoint_session(checkpoint: str | os.PathLike, model: nn.Module, threads: int | None = None):
+    """An ONNX Runtime session of ``checkpoint``'s ``model``: from its exported_file when that file
+    names the checkpoint's sha256, else exported now (about 40 s for the default model)."""
+    path = exported_file(checkpoint)
+    if path.is_file():
+        require("onnxruntime")
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
+
+        try:
+            session = onnxruntime_session(path, threads)
+        except (Fail, InvalidGraph, InvalidProtobuf) as error:
+            log.warning("%s is unreadable (%s): exporting the checkpoint again", path, str(error).splitlines()[0])
+        else:
+            if session.get_modelmeta().custom_metadata_map.get(CHECKPOINT_KEY) == file_sha256(checkpoint):
+                return session
+            log.warning("%s was not exported from %s as it is now: exporting it again", path, checkpoint)
+    return onnxruntime_session(export_onnx(model), threads)
 
 
 def run_session(session, images: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+import model.export_onnx as export_module
 from model import NEVER_LOGIT, build_model, load_model, never_predict
 from model.export_onnx import (
+    CHECKPOINT_KEY,
     NotExportable,
     check_sizes,
     export_onnx,
@@ -18,9 +20,12 @@ from model.export_onnx import (
     onnxruntime_session,
     run_session,
 )
+from tests.test_predictor import assert_valid, noise_image
 from tests.tiny_checkpoint import make_checkpoint
 from tools import export_onnx as export_command
 from utils.classes import COCO_CLASSES, COCO_UNUSED_IDS, never_labelled_ids
+from utils.fileio import file_sha256
+from utils.inference.predictor import Predictor
 
 pytest.importorskip("onnxscript", reason="ONNX export needs onnx + onnxscript (requirements-dev.txt)")
 pytest.importorskip("onnxruntime", reason="the check runs the export in onnxruntime (requirements-dev.txt)")
@@ -64,13 +69,48 @@ def test_largest_difference_sees_a_model_that_is_not_the_exported_one(tiny_unet,
     assert largest_difference(other, session) > 1e-3
 
 
-def test_the_command_writes_a_checked_file(exported):
+def test_the_command_writes_a_checked_file_that_names_its_checkpoint(exported):
     folder, code, printed = exported
     assert code == 0
     assert "largest logit difference" in printed
+    session = onnxruntime_session(folder / "tiny.onnx")
     images = torch.randn(1, 3, 45, 61)
-    assert run_session(onnxruntime_session(folder / "tiny.onnx"), images).shape == (1, 5, 45, 61)
+    assert run_session(session, images).shape == (1, 5, 45, 61)
+    assert session.get_modelmeta().custom_metadata_map[CHECKPOINT_KEY] == file_sha256(folder / "tiny.pth")
     assert not list(folder.glob(".*.tmp"))
+
+
+class ExportedAgain(Exception):
+    """Raised instead of an export: the backend did not take the file beside the checkpoint."""
+
+
+def refuse_to_export(model, checkpoint_sha256=None):
+    raise ExportedAgain
+
+
+def test_the_onnxruntime_backend_serves_the_commands_file_as_torch_does(exported, monkeypatch):
+    checkpoint = exported[0] / "tiny.pth"
+    expected = Predictor.from_checkpoint(checkpoint, device="cpu", precision="fp32")
+    monkeypatch.setattr(export_module, "export_onnx", refuse_to_export)
+    onnx = Predictor.from_checkpoint(checkpoint, device="cpu", backend="onnxruntime")
+    assert onnx.precision == "fp32" and onnx.backend == "onnxruntime"
+    for width, height in ((53, 37), (64, 64), (97, 101)):
+        image = noise_image(width, height, seed=height)
+        reference, actual = expected.predict(image), onnx.predict(image)
+        assert_valid(actual, height, width, num_classes=5)
+        np.testing.assert_array_equal(actual.class_map, reference.class_map)
+        np.testing.assert_allclose(actual.confidence, reference.confidence, rtol=1e-4)
+
+
+@pytest.mark.parametrize("change", ["another checkpoint", "unreadable"])
+def test_the_onnxruntime_backend_exports_again_rather_than_serve_a_file_not_of_its_checkpoint(
+        exported, tmp_path, monkeypatch, change):
+    checkpoint = make_checkpoint(tmp_path / "tiny.pth", class_names=[f"class {i}" for i in range(5)], varied=True)
+    data = (exported[0] / "tiny.onnx").read_bytes()
+    (tmp_path / "tiny.onnx").write_bytes(data if change == "another checkpoint" else data[: len(data) // 2])
+    monkeypatch.setattr(export_module, "export_onnx", refuse_to_export)
+    with pytest.raises(ExportedAgain):
+        Predictor.from_checkpoint(checkpoint, device="cpu", backend="onnxruntime")
 
 
 def test_the_command_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from model import main_logits, min_input_size, model_from_checkpoint
-from model.export_onnx import export_onnx, onnxruntime_session, run_session
+from model.export_onnx import checkpoint_session, run_session
 from utils.checkpoint import load_checkpoint
 from utils.data.transforms import SIZE_MULTIPLE, normalise, padded_size, to_unit_range
 from utils.fileio import to_rgb
@@ -216,7 +216,7 @@ class Predictor:
         if backend == "auto":
             predictor = cls.on_the_fastest(path, model, meta, device, precision, threads, compiled)
         elif backend == "onnxruntime":
-            predictor = cls.on_onnxruntime(model, meta, device, precision)
+            predictor = cls.on_onnxruntime(path, model, meta, device, precision)
         elif backend == "openvino":
             predictor = cls.on_openvino(path, model, meta, device, precision, threads)
         else:
@@ -250,10 +250,11 @@ class Predictor:
         return cls.on_torch(path, model, meta, device, precision, compiled)
 
     @classmethod
-    def on_onnxruntime(cls, model: nn.Module, meta: dict, device: torch.device, precision: str) -> Predictor:
+    def on_onnxruntime(cls, path: str | os.PathLike, model: nn.Module, meta: dict, device: torch.device,
+                       precision: str) -> Predictor:
         if device.type != "cpu" or precision == "bf16":
             raise ValueError("the onnxruntime backend runs on the CPU in fp32 only")
-        session = onnxruntime_session(export_onnx(model))
+        session = checkpoint_session(path, model)
         return cls(model, meta, device, "fp32", lambda batch: run_session(session, batch), "onnxruntime")
 
     @classmethod
