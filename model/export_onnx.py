@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,9 +17,6 @@ from torch import nn
 
 from model import main_logits, min_input_size
 from utils.errors import UserError
-from utils.fileio import file_sha256
-
-log = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 CHECKPOINT_KEY = "checkpoint_sha256"  # the ONNX file's metadata: the checkpoint it was exported from
@@ -142,30 +137,6 @@ def onnxruntime_session(model: bytes | str | os.PathLike, threads: int | None = 
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     source = model if isinstance(model, bytes) else os.fspath(model)
     return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def exported_file(checkpoint: str | os.PathLike) -> Path:
-    """Where tools/export_onnx.py writes ``checkpoint``'s export by default: beside it, as .onnx."""
-    return Path(checkpoint).with_suffix(".onnx")
-
-
-def checkpoint_session(checkpoint: str | os.PathLike, model: nn.Module, threads: int | None = None):
-    """An ONNX Runtime session of ``checkpoint``'s ``model``: from its exported_file when that file
-    names the checkpoint's sha256, else exported now (about 40 s for the default model)."""
-    path = exported_file(checkpoint)
-    if path.is_file():
-        require("onnxruntime")
-        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
-
-        try:
-            session = onnxruntime_session(path, threads)
-        except (Fail, InvalidGraph, InvalidProtobuf) as error:
-            log.warning("%s is unreadable (%s): exporting the checkpoint again", path, str(error).splitlines()[0])
-        else:
-            if session.get_modelmeta().custom_metadata_map.get(CHECKPOINT_KEY) == file_sha256(checkpoint):
-                return session
-            log.warning("%s was not exported from %s as it is now: exporting it again", path, checkpoint)
-    return onnxruntime_session(export_onnx(model), threads)
 
 
 def run_session(session, images: torch.Tensor) -> torch.Tensor:

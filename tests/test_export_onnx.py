@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import model.export_onnx as export_module
 from model import NEVER_LOGIT, build_model, load_model, never_predict
 from model.export_onnx import (
     CHECKPOINT_KEY,
@@ -25,10 +24,14 @@ from tests.tiny_checkpoint import make_checkpoint
 from tools import export_onnx as export_command
 from utils.classes import COCO_CLASSES, COCO_UNUSED_IDS, never_labelled_ids
 from utils.fileio import file_sha256
+from utils.inference import onnx_runtime
 from utils.inference.predictor import Predictor
 
 pytest.importorskip("onnxscript", reason="ONNX export needs onnx + onnxscript (requirements-dev.txt)")
 pytest.importorskip("onnxruntime", reason="the check runs the export in onnxruntime (requirements-dev.txt)")
+
+
+FIVE_CLASSES = [f"class {i}" for i in range(5)]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def exported(tmp_path_factory) -> tuple[Path, int, str]:
     """A tiny U-Net checkpoint exported by the command: (its folder, exit code, what it printed).
     The graph tests below check this one export rather than making their own."""
     folder = tmp_path_factory.mktemp("export")
-    checkpoint = make_checkpoint(folder / "tiny.pth", class_names=[f"class {i}" for i in range(5)])
+    checkpoint = make_checkpoint(folder / "tiny.pth", class_names=FIVE_CLASSES, varied=True)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = export_command.main(["--checkpoint", str(checkpoint)])
@@ -91,7 +94,7 @@ def refuse_to_export(model, checkpoint_sha256=None):
 def test_the_onnxruntime_backend_serves_the_commands_file_as_torch_does(exported, monkeypatch):
     checkpoint = exported[0] / "tiny.pth"
     expected = Predictor.from_checkpoint(checkpoint, device="cpu", precision="fp32")
-    monkeypatch.setattr(export_module, "export_onnx", refuse_to_export)
+    monkeypatch.setattr(onnx_runtime, "export_onnx", refuse_to_export)
     onnx = Predictor.from_checkpoint(checkpoint, device="cpu", backend="onnxruntime")
     assert onnx.precision == "fp32" and onnx.backend == "onnxruntime"
     for width, height in ((53, 37), (64, 64), (97, 101)):
@@ -100,17 +103,21 @@ def test_the_onnxruntime_backend_serves_the_commands_file_as_torch_does(exported
         assert_valid(actual, height, width, num_classes=5)
         np.testing.assert_array_equal(actual.class_map, reference.class_map)
         np.testing.assert_allclose(actual.confidence, reference.confidence, rtol=1e-4)
+    assert len(np.unique(reference.class_map)) > 1  # a varied network: the class maps can differ
 
 
-@pytest.mark.parametrize("change", ["another checkpoint", "unreadable"])
+@pytest.mark.parametrize("change, said", [("another checkpoint", "was not exported from it"),
+                                          ("unreadable", "is unreadable here")])
 def test_the_onnxruntime_backend_exports_again_rather_than_serve_a_file_not_of_its_checkpoint(
-        exported, tmp_path, monkeypatch, change):
-    checkpoint = make_checkpoint(tmp_path / "tiny.pth", class_names=[f"class {i}" for i in range(5)], varied=True)
+        exported, tmp_path, monkeypatch, caplog, change, said):
+    # Not varied: other weights, so another sha256, for the same network and classes.
+    checkpoint = make_checkpoint(tmp_path / "tiny.pth", class_names=FIVE_CLASSES)
     data = (exported[0] / "tiny.onnx").read_bytes()
     (tmp_path / "tiny.onnx").write_bytes(data if change == "another checkpoint" else data[: len(data) // 2])
-    monkeypatch.setattr(export_module, "export_onnx", refuse_to_export)
+    monkeypatch.setattr(onnx_runtime, "export_onnx", refuse_to_export)
     with pytest.raises(ExportedAgain):
         Predictor.from_checkpoint(checkpoint, device="cpu", backend="onnxruntime")
+    assert f"tiny.onnx {said}" in caplog.text and "until tools/export_onnx.py writes it again" in caplog.text
 
 
 def test_the_command_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
@@ -143,7 +150,7 @@ def with_one_middle_flow_block(model: torch.nn.Module) -> torch.nn.Module:
     728-channel residual unit repeated at stride 16, which no feature is taken from, and exporting
     all 16 cost two thirds of the export's time (16 of 25 s, AMD EPYC avx512_bf16)."""
     blocks = model.encoder.model
-    feature_blocks = {name.split(".")[1] for name in blocks.feature_info.module_name()}
+    feature_blocks = {name.split(".")[1] for name in blocks.feature_info.module_name() if name.startswith("blocks.")}
     middle = [f"blocks_{index}" for index in range(4, 19)]
     assert feature_blocks.isdisjoint({name.removeprefix("blocks_") for name in middle})
     for name in middle:

@@ -2,8 +2,8 @@
 
     python tools/export_onnx.py --checkpoint save/default/model.pth [--out save/default/model.onnx]
 
-The file names the checkpoint's sha256; the service's onnxruntime backend (SEG_BACKEND=onnxruntime)
-loads the default --out instead of exporting at every start, for as long as the checkpoint is the same.
+The file names the checkpoint's sha256: at the default --out, the onnxruntime backend serves it for
+this checkpoint rather than export at every start.
 
 Input ``images`` (N x 3 x H x W, normalised as the checkpoint's meta says), output ``logits``
 (N x C x H x W).  Needs onnx, onnxscript and onnxruntime (pip install -r requirements-dev.txt).
@@ -22,13 +22,13 @@ from model import load_model  # noqa: E402
 from model.export_onnx import (  # noqa: E402
     check_sizes,
     export_onnx,
-    exported_file,
     largest_difference,
     onnxruntime_session,
 )
 from utils.cli import user_errors_exit  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.fileio import atomic_path, file_sha256  # noqa: E402
+from utils.inference.onnx_runtime import exported_file  # noqa: E402
 
 TOLERANCE = 1e-3  # largest absolute logit difference accepted between ONNX Runtime and PyTorch
 

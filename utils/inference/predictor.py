@@ -28,10 +28,11 @@ from PIL import Image
 from torch import nn
 
 from model import main_logits, min_input_size, model_from_checkpoint
-from model.export_onnx import checkpoint_session, run_session
+from model.export_onnx import run_session
 from utils.checkpoint import load_checkpoint
 from utils.data.transforms import SIZE_MULTIPLE, normalise, padded_size, to_unit_range
 from utils.fileio import to_rgb
+from utils.inference.onnx_runtime import checkpoint_session
 from utils.inference.openvino_runtime import OpenVINOForward, openvino_model
 from utils.inference.precision_guard import precision_allowed
 from utils.inference.tiling import WHOLE, Forward, Strategy, TileProbabilities, scaled_size, slide, tta_probabilities
