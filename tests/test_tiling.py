@@ -18,7 +18,7 @@ from tests.tiny_checkpoint import make_checkpoint
 from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from utils.inference import tiling
 from utils.inference.predictor import Predictor
-from utils.inference.tiling import Strategy, StrategyError, slide, smooth_window, tile_starts
+from utils.inference.tiling import Strategy, StrategyError, network_probabilities, slide, smooth_window, tile_starts
 
 TRAINING_SIZE = [64, 64]
 
@@ -191,6 +191,18 @@ def test_a_large_image_slides_without_its_c_h_w_probabilities():
     grown = int(result.stdout.split()[-1])
     whole_probabilities = 91 * 2000 * 1500 * 4
     assert grown < 300 * 2**20 < whole_probabilities / 3
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_probabilities_are_the_softmax_of_the_logits_bit_for_bit(memory_format):
+    """In place, over channels_last logits and over NCHW ones (as ONNX Runtime returns them): the
+    numbers of a softmax into a new tensor."""
+    logits = torch.randn(1, 7, 32, 48, generator=torch.Generator().manual_seed(0))
+    logits = logits.contiguous(memory_format=memory_format)
+    expected = torch.softmax(logits.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
+    probabilities = network_probabilities(lambda batch: logits.clone(memory_format=memory_format),
+                                          torch.zeros(1, 3, 32, 48), minimum=1, fill=0.0)
+    assert torch.equal(probabilities, expected)
 
 
 def test_flip_tta_on_a_left_right_symmetric_network_is_the_plain_result():

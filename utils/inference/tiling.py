@@ -30,7 +30,9 @@ MIN_TILE, MIN_STRIDE = 16, 8  # pixels: below them a photo would cost tens of th
 SCALE_RANGE = (0.05, 4.0)  # slide mode's scale of the image before tiling
 ROWS_PER_STEP = 16  # rows of blended probabilities turned into classes at a time
 
-Forward = Callable[[torch.Tensor], torch.Tensor]  # 1 x 3 x h x w input -> 1 x C x h x w logits
+# 1 x 3 x h x w input -> 1 x C x h x w logits, a tensor of the caller's own (network_probabilities
+# writes the softmax over it): every backend returns fresh memory (OpenVINO a copy of its buffer).
+Forward = Callable[[torch.Tensor], torch.Tensor]
 TileProbabilities = Callable[[np.ndarray], torch.Tensor]  # h x w x 3 uint8 -> h x w x C probabilities
 
 
@@ -158,10 +160,11 @@ def network_probabilities(forward: Forward, batch: torch.Tensor, minimum: int,
         padded[..., :height, :width] = batch
     logits = forward(padded.contiguous(memory_format=torch.channels_last))
     # Over pixel-major rows (channels_last logits viewed N x H x W x C): 3x faster than over dim 1.
-    # In place where each pixel's row is contiguous: a 91-class 384x384 tile's fresh 53 MB output
-    # page-faulted for longer than the softmax itself took (32 -> 17 ms, AMD EPYC avx512_bf16).
+    # In place: a 91-class 384x384 tile's fresh 53 MB output page-faulted for longer than the
+    # softmax itself took (32 -> 17 ms, AMD EPYC avx512_bf16). NCHW logits (ONNX Runtime's) go
+    # through PyTorch's own contiguous copy, as they did out of place.
     rows = logits.float().permute(0, 2, 3, 1)
-    rows = torch.softmax(rows, dim=-1, out=rows) if rows.is_contiguous() else torch.softmax(rows, dim=-1)
+    rows = torch.softmax(rows, dim=-1, out=rows)
     return rows.permute(0, 3, 1, 2)[..., :height, :width]
 
 
