@@ -28,17 +28,17 @@ os.environ.setdefault("CI", "true")
 # One torch thread per test process: the suite runs a process per core (pytest -n auto), and two
 # processes of two threads each on two cores only preempt each other (a 7.5-second fixture cost
 # 30 s of CPU in 24 s after a test app had set two threads, AMD EPYC avx512_bf16).
-ONE_THREAD = bool(os.environ.get("PYTEST_XDIST_WORKER"))
-if ONE_THREAD:
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:
     torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
-    """Back to one thread after each test: the code under test sets torch's threads where it is
-    asked to (``threads=``, SEG_THREADS), for the whole process."""
+    """In a test process of pytest-xdist, back to one thread after each test: the code under test
+    sets torch's threads where it is asked to (``threads=``, SEG_THREADS), for the whole process."""
     yield
-    if ONE_THREAD and torch.get_num_threads() != 1:
+    if XDIST_WORKER and torch.get_num_threads() != 1:
         torch.set_num_threads(1)
 
 

@@ -88,16 +88,21 @@ def train_configuration(argv: list[str]) -> dict:
             "encoder_changed": encoder_changed}
 
 
-def keeping_the_group(options: list[str]) -> dict:
-    """train.py's main under this launch, without its leaving the group (test.py, last, leaves it)."""
+def train_py_in_the_group(options: list[str]) -> dict:
+    """train.py's main under this launch, without its leaving the group (test.py, last, leaves it).
+    Its logging set-up stays for the rest of the launch: test.py's lines go to its train.log too."""
     with mock.patch.object(distributed, "cleanup", lambda: None):
-        return {"code": train.main(options)}
+        code = train.main(options)
+    if not dist.is_initialized():
+        raise RuntimeError("train.py left the process group: its cleanup is no longer distributed.cleanup")
+    return {"code": code}
 
 
 def main(argv: list[str]) -> int:
     out, weights, class_counts, *rest = argv
     first, second, third = (index for index, word in enumerate(rest) if word == "--")
-    names, common, script, evaluation = rest[:first], rest[first + 1:second], rest[second + 1:third], rest[third + 1:]
+    names, common = rest[:first], rest[first + 1:second]
+    train_py_options, evaluation = rest[second + 1:third], rest[third + 1:]
     known = configurations(weights, class_counts)
     results = {}
 
@@ -112,7 +117,7 @@ def main(argv: list[str]) -> int:
     try:
         for name in names:
             record(name, train_configuration, common + known[name])
-        record("train.py", keeping_the_group, script)
+        record("train.py", train_py_in_the_group, train_py_options)
         record("test.py", lambda options: {"code": test_script.main(options)}, evaluation)
     finally:
         distributed.cleanup()

@@ -46,10 +46,10 @@ def matrix(tmp_path_factory) -> dict:
     common = ["--data-dir", str(root), "--mask-dir", str(root / "masks"), "--save-dir", str(root / "save"),
               "--train-split", "train2017", "--val-split", "train2017", "--crop-size", "32", "--batch-size", "2",
               "--workers", "0", "--device", "cpu", "--epochs", "1"]
-    script = [*common, "--model", "unet", "--base-width", "4", "--epochs", "2", "--save-dir", str(root / "script")]
+    train_py = [*common, "--model", "unet", "--base-width", "4", "--epochs", "2", "--save-dir", str(root / "train_py")]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "tests.ddp_matrix", str(out), str(weights), str(root / "masks" / "train2017" / "conversion.json"),
-               *NAMES, "--", *common, "--", *script, "--", *evaluation_args(root, root / "two")]
+               *NAMES, "--", *common, "--", *train_py, "--", *evaluation_args(root, root / "two")]
     # One thread each: two processes share the cores, and more threads would only wait on each other.
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -80,9 +80,9 @@ def test_train_py_itself_trains_under_torchrun(matrix):
     """train.py's main (its options, set-up, epochs and rank 0's saving), the later --epochs and
     --save-dir winning over the matrix's."""
     assert matrix["train.py"] == {"code": 0}
-    with open(matrix["root"] / "script" / "log_train.csv") as handle:
+    with open(matrix["root"] / "train_py" / "log_train.csv") as handle:
         assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1, 2]
-    assert (matrix["root"] / "script" / "model_final.pth").exists()
+    assert (matrix["root"] / "train_py" / "model_final.pth").exists()
 
 
 def test_test_py_under_torchrun_counts_what_one_process_counts(matrix):
