@@ -1,0 +1,71 @@
+"""The test suite's time at another revision and at this checkout, side by side, rounds alternating.
+
+    python bench/suite.py --base 95dee94 [--rounds 2]
+
+Each run is `make test`'s pytest command (without ruff) on a cold start: a fresh TMPDIR, so that
+torch.compile's caches and precompiled headers are built again, as on a new machine.  The base
+runs in a git worktree beside this checkout (../shared stays where the tests look for it),
+removed afterwards.  This machine's speed drifts by 10-20 % within minutes: rounds alternate
+base and head, and the ratio is of the medians of pytest's own seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import ROOT, background_load, machine
+
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-n", "auto", "--dist", "loadfile", "-p", "no:cacheprovider"]
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_suite(tree: Path, label: str) -> float:
+    """pytest's own seconds for the suite in ``tree``, printed with the run's wall, CPU and counts."""
+    with tempfile.TemporaryDirectory(prefix="suite-") as fresh:
+        cpu, started = children_cpu(), time.monotonic()
+        environment = {key: value for key, value in os.environ.items() if key != "TORCHINDUCTOR_CACHE_DIR"}
+        result = subprocess.run(PYTEST, cwd=tree, capture_output=True, text=True, env={**environment, "TMPDIR": fresh})
+        wall, cpu = time.monotonic() - started, children_cpu() - cpu
+    summary = next((line for line in reversed(result.stdout.splitlines()) if re.search(r" in [\d.]+s", line)), "")
+    seconds = float(re.search(r" in ([\d.]+)s", summary).group(1)) if summary else float("nan")
+    print(f"{label:>5}: pytest {seconds:6.1f} s, wall {wall:6.1f} s, CPU {cpu:6.1f} s | {summary.strip('= ')}",
+          flush=True)
+    return seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="the revision to compare with (a commit, tag or branch)")
+    parser.add_argument("--rounds", type=int, default=1, help="base-then-head pairs (default 1)")
+    args = parser.parse_args()
+    print(background_load() + machine(), flush=True)
+    worktree = Path(tempfile.mkdtemp(prefix=".suite-base-", dir=ROOT.parent))
+    shutil.rmtree(worktree)
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(worktree), args.base], cwd=ROOT, check=True)
+    try:
+        base, head = [], []
+        for _ in range(args.rounds):
+            base.append(run_suite(worktree, "base"))
+            head.append(run_suite(ROOT, "head"))
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=True)
+    print(f"base {args.base}: median {statistics.median(base):.1f} s; head: median {statistics.median(head):.1f} s")
+    print(f"ratio: {statistics.median(base) / statistics.median(head):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
