@@ -19,12 +19,6 @@ from pathlib import Path
 bind = os.environ.get("SEG_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("SEG_WORKERS", "2"))
 threads = int(os.environ.get("SEG_THREADS_PER_WORKER", "2"))
-# Every worker may use every core: a lone request then has both for its forward (the default
-# model's service path 121.7-126.6 ms, against a one-thread prediction of 179-208 ms), and under
-# load 2 workers x 2 threads served as much as 2 x 1 (8.45 vs 8.37 req/s side by side with 4
-# clients); bench/README.md has both.
-# Set before the fork, so every worker reads it.
-os.environ.setdefault("SEG_THREADS", str(len(os.sched_getaffinity(0))))
 worker_class = "gthread"
 timeout = int(os.environ.get("SEG_TIMEOUT", "120"))
 graceful_timeout = 30
@@ -40,10 +34,21 @@ preload_app = False  # the model must load in each worker, after the fork
 
 
 def on_starting(server) -> None:
-    """Give prometheus_client's multiprocess mode (app/metrics.py) its folder, where every worker
-    writes its values.  In the environment before any worker imports prometheus_client, so each
-    inherits it; a reload (HUP) keeps it.  A folder the operator named may hold a previous run's
-    files, which would be counted again."""
+    """In the master's environment before any worker forks, so each inherits it (a reload (HUP)
+    keeps it): SEG_THREADS' default, and prometheus_client's multiprocess folder."""
+    # Every worker may use every core: a lone request then has both for its forward (the default
+    # model's service path 121.7-126.6 ms, against a one-thread prediction of 179-208 ms), and under
+    # load 2 workers x 2 threads served as much as 2 x 1 (8.45 vs 8.37 req/s side by side with 4
+    # clients); bench/README.md has both.  Here, not when the file is read: reading it (as the
+    # tests do) leaves the reader's environment alone.
+    os.environ.setdefault("SEG_THREADS", str(len(os.sched_getaffinity(0))))
+    give_metrics_a_folder()
+
+
+def give_metrics_a_folder() -> None:
+    """prometheus_client's multiprocess mode (app/metrics.py) needs a folder where every worker
+    writes its values.  A folder the operator named may hold a previous run's files, which would
+    be counted again."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not folder:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="seg-metrics-")

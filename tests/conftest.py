@@ -25,21 +25,10 @@ os.environ.setdefault("SEG_BACKEND", "torch")
 # the tests start.
 os.environ.setdefault("CI", "true")
 
-# One torch thread per test process: the suite runs a process per core (pytest -n auto), and two
-# processes of two threads each on two cores only preempt each other (a 7.5-second fixture cost
-# 30 s of CPU in 24 s after a test app had set two threads, AMD EPYC avx512_bf16).
-XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
-if XDIST_WORKER:
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per test process: the suite runs a process per core (pytest -n auto), and
+    # two processes of two threads each on two cores would only preempt each other.
     torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """In a test process of pytest-xdist, back to one thread after each test: the code under test
-    sets torch's threads where it is asked to (``threads=``, SEG_THREADS), for the whole process."""
-    yield
-    if XDIST_WORKER and torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -242,9 +242,6 @@ def test_loopback_binds_are_told_apart(monkeypatch, bind, loopback):
 def gunicorn_settings(monkeypatch, **environment):
     for name in ("SEG_BIND", "SEG_API_TOKEN", "SEG_PAGE_PUBLIC", "SEG_PUBLIC_BIND"):
         monkeypatch.delenv(name, raising=False)
-    # The file sets SEG_THREADS (every core) by setdefault: set here, monkeypatch takes it back. Left
-    # behind, every later test app in this process would run torch on every core.
-    environment = {"SEG_THREADS": "1", **environment}
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     spec = importlib.util.spec_from_file_location("gunicorn_conf", ROOT / "app" / "gunicorn.conf.py")
@@ -299,8 +296,22 @@ def test_a_real_gunicorn_on_every_interface_says_so_in_its_log(tiny_checkpoint, 
     assert any("with no SEG_API_TOKEN: anyone who can reach this address" in line for line in lines), lines
 
 
+def test_gunicorn_gives_every_worker_every_core_when_it_starts_unless_told(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEG_THREADS", "")
+    monkeypatch.delenv("SEG_THREADS")  # absent, and put back as it was after the test
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    hooks = gunicorn_settings(monkeypatch)
+    # Reading the file changes nothing: a test process that did ran every later app on every core.
+    assert "SEG_THREADS" not in os.environ
+    hooks.on_starting(None)
+    assert os.environ["SEG_THREADS"] == str(len(os.sched_getaffinity(0)))
+    monkeypatch.setenv("SEG_THREADS", "3")
+    hooks.on_starting(None)
+    assert os.environ["SEG_THREADS"] == "3"
+
+
 def test_gunicorn_gives_the_metrics_a_fresh_folder_and_removes_the_one_it_made(monkeypatch, tmp_path):
-    for name in ("PROMETHEUS_MULTIPROC_DIR", "SEG_METRICS_FOLDER_MADE"):
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "SEG_METRICS_FOLDER_MADE", "SEG_THREADS"):
         monkeypatch.setenv(name, "")  # empty is unset; whatever the hooks set is undone after the test
     hooks = gunicorn_settings(monkeypatch)
     hooks.on_starting(None)

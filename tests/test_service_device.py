@@ -47,7 +47,6 @@ def test_a_device_this_host_lacks_stops_with_one_line(gpus, monkeypatch, value):
 
 
 def test_gunicorn_numbers_each_worker_from_zero_and_counts_restarts(monkeypatch):
-    monkeypatch.setenv("SEG_THREADS", "1")  # the file sets a default for it; keep the environment as it was
     monkeypatch.setenv("SEG_WORKER_INDEX", "unset")
     hooks = runpy.run_path(str(ROOT / "app" / "gunicorn.conf.py"))
     server = SimpleNamespace(cfg=SimpleNamespace(workers=2))
