@@ -14,7 +14,6 @@ import argparse
 import os
 import re
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,11 +38,10 @@ def run_suite(tree: Path, label: str) -> float:
         environment = {key: value for key, value in os.environ.items() if key != "TORCHINDUCTOR_CACHE_DIR"}
         result = subprocess.run(PYTEST, cwd=tree, capture_output=True, text=True, env={**environment, "TMPDIR": fresh})
         wall, cpu = time.monotonic() - started, children_cpu() - cpu
-    summary = next((line for line in reversed(result.stdout.splitlines()) if re.search(r" in [\d.]+s", line)), "")
-    seconds = float(re.search(r" in ([\d.]+)s", summary).group(1)) if summary else float("nan")
-    print(f"{label:>5}: pytest {seconds:6.1f} s, wall {wall:6.1f} s, CPU {cpu:6.1f} s | {summary.strip('= ')}",
-          flush=True)
-    return seconds
+    summaries = re.findall(r"^=* ?(.* in ([\d.]+)s\b.*?) ?=*$", result.stdout, re.MULTILINE)
+    summary, seconds = summaries[-1] if summaries else ("no summary: pytest did not finish", "nan")
+    print(f"{label:>5}: pytest {float(seconds):6.1f} s, wall {wall:6.1f} s, CPU {cpu:6.1f} s | {summary}", flush=True)
+    return float(seconds)
 
 
 def main() -> int:
@@ -52,8 +50,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help="base-then-head pairs (default 1)")
     args = parser.parse_args()
     print(background_load() + machine(), flush=True)
-    worktree = Path(tempfile.mkdtemp(prefix=".suite-base-", dir=ROOT.parent))
-    shutil.rmtree(worktree)
+    worktree = Path(tempfile.mkdtemp(prefix=".suite-base-", dir=ROOT.parent))  # git takes an empty folder
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(worktree), args.base], cwd=ROOT, check=True)
     try:
         base, head = [], []
