@@ -2,14 +2,15 @@
 service's test client over a tiny checkpoint."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
 
-from tests.synthetic_coco import SyntheticCoco, make_coco
-from tests.tiny_checkpoint import make_checkpoint
+if TYPE_CHECKING:
+    from tests.synthetic_coco import SyntheticCoco
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -25,19 +26,50 @@ os.environ.setdefault("SEG_BACKEND", "torch")
 # the tests start.
 os.environ.setdefault("CI", "true")
 
+# torch and what imports it load in the test processes only: under pytest-xdist the controlling
+# process, which reads this file first, starts the workers that much sooner (1.4 s here, AMD EPYC).
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
     # One torch thread per test process: the suite runs a process per core (pytest -n auto), and
     # two processes of two threads each on two cores would only preempt each other.
     torch.set_num_threads(1)
 
 
+def requires(module: str, reason: str) -> pytest.MarkDecorator:
+    """Skip where ``module`` is not installed, found without importing it: a test process imports
+    every test file, and ONNX Script or NNCF cost it most of a second each, even where none of
+    their tests run."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=reason)
+
+
+def machine() -> str:
+    import torch
+
+    from utils.precision import cpu_description
+
+    return f"machine: {cpu_description()}; torch kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
+def pytest_sessionfinish(session) -> None:
+    """A pytest-xdist worker hands the machine line to the controlling process, which has no torch."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["machine"] = machine()
+
+
+MACHINE = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    node.config.stash[MACHINE] = getattr(node, "workeroutput", {}).get("machine", "machine: unknown (a worker failed)")
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """The machine, at the end of every run (also under -q): the suite's time is comparable only
     with its CPU's flags."""
-    from utils.precision import cpu_description
-
-    terminalreporter.write_line(f"machine: {cpu_description()}; torch kernels "
-                                f"{torch.backends.cpu.get_cpu_capability()}")
+    config = terminalreporter.config
+    terminalreporter.write_line(config.stash[MACHINE] if MACHINE in config.stash else machine())
 
 
 def shared_dataset(name: str) -> Path:
@@ -59,11 +91,15 @@ def shared_weights(name: str) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_coco(tmp_path_factory) -> SyntheticCoco:
     """Eight small images with every annotation kind; read-only for tests."""
+    from tests.synthetic_coco import make_coco
+
     return make_coco(tmp_path_factory.mktemp("coco"), num_images=8)
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
+    from tests.tiny_checkpoint import make_checkpoint
+
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
 
 

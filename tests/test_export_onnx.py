@@ -19,6 +19,7 @@ from model.export_onnx import (
     onnxruntime_session,
     run_session,
 )
+from tests.conftest import requires
 from tests.test_predictor import assert_valid, noise_image
 from tests.tiny_checkpoint import make_checkpoint
 from tools import export_onnx as export_command
@@ -27,8 +28,8 @@ from utils.fileio import file_sha256
 from utils.inference import onnx_runtime
 from utils.inference.predictor import Predictor
 
-pytest.importorskip("onnxscript", reason="ONNX export needs onnx + onnxscript (requirements-dev.txt)")
-pytest.importorskip("onnxruntime", reason="the check runs the export in onnxruntime (requirements-dev.txt)")
+pytestmark = [requires("onnxscript", reason="ONNX export needs onnx + onnxscript (requirements-dev.txt)"),
+              requires("onnxruntime", reason="the check runs the export in onnxruntime (requirements-dev.txt)")]
 
 
 FIVE_CLASSES = [f"class {i}" for i in range(5)]

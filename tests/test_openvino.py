@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import requests
 
+from tests.conftest import requires
 from tests.servers import gunicorn, jpeg
 from tests.test_app import encoded, photo, post_file
 from tests.test_predictor import noise_image
@@ -24,7 +25,7 @@ from utils.inference import predictor as predictor_module
 from utils.inference.precision_guard import write_guard
 from utils.inference.predictor import Predictor
 
-pytest.importorskip("openvino", reason="the backend needs OpenVINO (requirements.txt)")
+pytestmark = requires("openvino", reason="the backend needs OpenVINO (requirements.txt)")
 
 # fp32 on both sides, in other kernel orders: the default model's confidences differ by 3e-6 at most
 # (three 640x480 photos).  A confidence within this of torch's also bounds every class-map

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 
+from tests.conftest import requires
 from tests.synthetic_coco import make_coco
 from tests.test_precision_guard import decisive_checkpoint
 from tests.test_predictor import noise_image
@@ -22,7 +23,7 @@ from utils.inference.precision_guard import guard_path, read_guard, write_guard
 from utils.inference.predictor import Predictor
 from utils.precision import cpu_kind
 
-pytest.importorskip("nncf", reason="quantization needs NNCF (requirements.txt)")
+pytestmark = requires("nncf", reason="quantization needs NNCF (requirements.txt)")
 
 PASSING = {"agreement": 1.0, "worst_image_agreement": 1.0, "miou_fp32": 0.5, "miou_int8": 0.5,
            "miou_drop_points": 0.0, "images": 1, "pixels": 100}
