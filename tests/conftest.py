@@ -62,13 +62,16 @@ MACHINE = pytest.StashKey[str]()
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
-    node.config.stash[MACHINE] = getattr(node, "workeroutput", {}).get("machine", "machine: unknown (a worker failed)")
+    """Kept from any worker that finished: one that crashed (no line) must not erase it."""
+    line = getattr(node, "workeroutput", {}).get("machine")
+    if line:
+        node.config.stash[MACHINE] = line
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """The machine, at the end of every run (also under -q): the suite's time is comparable only
     with its CPU's flags."""
-    config = terminalreporter.config
+    config = terminalreporter.config  # no worker's line (none finished, or no xdist): read here
     terminalreporter.write_line(config.stash[MACHINE] if MACHINE in config.stash else machine())
 
 

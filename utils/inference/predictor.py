@@ -104,8 +104,8 @@ def compiled_forward(model: nn.Module, device: torch.device, precision: str) -> 
     # SMP's U-Net at 48x64 crashed (double free) on AVX-512 and gave logits of 1e22 with AVX2
     # kernels, both gone without it.  No inductor freezing: the inlined modules' parameters are graph
     # inputs, so it folded nothing (the same logits bit for bit in fp32 and bf16, the same speed), and
-    # a frozen graph never enters the FX graph cache: a worker's second start compiled in 7.4 s with
-    # it and 3.4 s without (SMP U-Net ResNet-18, AMD EPYC avx512_bf16).
+    # with it the AOTAutograd cache is bypassed: a worker's second start traced again, 7.4 s with it
+    # and 3.4 s without (SMP U-Net ResNet-18, AMD EPYC avx512_bf16).
     options = {"cpp.enable_loop_tail_vec": False}
     compiled = torch.compile(torch_forward(model, device, precision), dynamic=True, options=options)
     # Under dynamic=True dynamo also makes the modules' float attributes symbolic, fails to turn
