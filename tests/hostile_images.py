@@ -27,11 +27,19 @@ def fits_header(cards: list[tuple[str, str]]) -> bytes:
 
 
 def gzip_of_zeros(size: int) -> bytes:
-    """A gzip stream that unpacks to ``size`` zero bytes (compressed a block at a time)."""
-    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: the gzip container
-    block = bytes(1 << 20)
-    parts = [packer.compress(block) for _ in range(size >> 20)]
-    return b"".join(parts) + packer.compress(bytes(size & ((1 << 20) - 1))) + packer.flush()
+    """A gzip stream that unpacks to ``size`` zero bytes.  Deflate starts afresh after a full flush,
+    so one compressed megabyte is repeated instead of compressing every megabyte again (1 GiB: 3 s
+    of zlib level 9 before, AMD EPYC)."""
+    megabytes, rest = divmod(size, 1 << 20)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate; the gzip wrapping is written here
+    megabyte = packer.compress(bytes(1 << 20)) + packer.flush(zlib.Z_FULL_FLUSH)
+    tail = packer.compress(bytes(rest)) + packer.flush()
+    checksum = 0
+    for _ in range(megabytes):
+        checksum = zlib.crc32(bytes(1 << 20), checksum)
+    checksum = zlib.crc32(bytes(rest), checksum)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"  # deflate, no name, no time, best, unknown OS
+    return header + megabyte * megabytes + tail + struct.pack("<II", checksum, size & 0xFFFFFFFF)
 
 
 def fits_gzip_bomb(unpacked_bytes: int = 200 << 20) -> bytes:
