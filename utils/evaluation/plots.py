@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 from utils.fileio import atomic_path  # noqa: E402
@@ -51,14 +52,16 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], out_path: 
     size = min(24, max(6, 0.22 * len(class_names) + 3))
     figure, axis = plt.subplots(figsize=(size, size))
     floor = max(normalised[normalised > 0].min() if (normalised > 0).any() else 1e-4, 1e-4)
-    image = axis.imshow(np.where(normalised > 0, normalised, np.nan), cmap="viridis",
-                        norm=LogNorm(vmin=floor, vmax=1), interpolation="nearest")
+    colours = ScalarMappable(norm=LogNorm(vmin=floor, vmax=1), cmap="viridis")
+    # Coloured here, cell by cell: given the values, matplotlib would take the log of every pixel of
+    # the image resampled to the figure's size (6 M for 91 classes), half of the plot's time.
+    axis.imshow(colours.to_rgba(np.where(normalised > 0, normalised, np.nan), bytes=True), interpolation="nearest")
     ticks = np.arange(len(class_names))
     font = max(4, min(9, 500 // max(len(class_names), 1)))
     axis.set_xticks(ticks, class_names, rotation=90, fontsize=font)
     axis.set_yticks(ticks, class_names, fontsize=font)
     axis.set(xlabel="predicted", ylabel="ground truth", title="confusion matrix (row-normalised)")
-    figure.colorbar(image, ax=axis, fraction=0.04, pad=0.02, label="fraction of the true class")
+    figure.colorbar(colours, ax=axis, fraction=0.04, pad=0.02, label="fraction of the true class")
     figure.tight_layout()
     _save(figure, out_path, dpi=110)
 
