@@ -52,6 +52,19 @@ def pytest_collection(session):
         gc.enable()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After a test file, once its module fixtures are gone: one full pass, then what survives
+    (torch.compile's and torch.export's caches, mostly) is frozen as well.  Frozen objects are still
+    freed when nothing refers to them; only the collector's passes skip them.  A run's full passes:
+    4.2 + 8.6 s -> 1.9 + 7.7 s of the two workers (AMD EPYC avx512_bf16)."""
+    result = yield
+    if nextitem is None or nextitem.module is not item.module:
+        gc.collect()
+        gc.freeze()
+    return result
+
+
 def requires(module: str, reason: str) -> pytest.MarkDecorator:
     """Skip where ``module`` is not installed, found without importing it: a test process imports
     every test file, and ONNX Script or NNCF cost it most of a second each, even where none of
