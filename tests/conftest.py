@@ -53,16 +53,18 @@ def pytest_collection(session):
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item, nextitem):
-    """After a test file, once its module fixtures are gone: one full pass, then what survives
-    (torch.compile's and torch.export's caches, mostly) is frozen as well.  Frozen objects are still
-    freed when nothing refers to them; only the collector's passes skip them.  A run's full passes:
-    4.2 + 8.6 s -> 1.9 + 7.7 s of the two workers (AMD EPYC avx512_bf16)."""
-    result = yield
-    if nextitem is None or nextitem.module is not item.module:
-        gc.collect()
-        gc.freeze()
-    return result
+def pytest_runtest_protocol(item, nextitem):
+    """After a test file, once its module fixtures and the last test's arguments are released: one
+    full pass, then what survives (torch.compile's and torch.export's caches, mostly) is frozen too,
+    and later passes skip it.  A frozen object is still freed when nothing refers to it, unless it
+    is in a reference cycle.  A run's full passes: 4.2 + 8.6 s -> 1.9 + 7.7 s of the two workers
+    (AMD EPYC avx512_bf16)."""
+    try:
+        return (yield)
+    finally:
+        if nextitem is None or nextitem.path != item.path:
+            gc.collect()
+            gc.freeze()
 
 
 def requires(module: str, reason: str) -> pytest.MarkDecorator:
