@@ -9,6 +9,7 @@ SEG_PRECISION (auto | fp32 | bf16 | int8), SEG_COMPILE (1: torch.compile at work
 SEG_DEVICE (cpu | cuda | cuda:i; default: worker i on GPU i mod n, see post_fork).
 The defaults are the best setting measured by bench/serve.py (see bench/README.md).
 """
+import gc
 import ipaddress
 import os
 import shutil
@@ -105,7 +106,9 @@ def when_ready(server) -> None:
 
 def post_fork(server, worker) -> None:
     """Number the worker for app/settings.py's default device (GPU i mod n).  worker.age counts the
-    workers the arbiter has started, from 1, so a restarted worker takes the next GPU in turn."""
+    workers the arbiter has started, from 1, so a restarted worker takes the next GPU in turn.
+    No garbage collection until the app and the model are loaded (post_worker_init)."""
+    gc.disable()
     os.environ["SEG_WORKER_INDEX"] = str(worker.age - 1)
     if worker.age > server.cfg.workers:
         from app.metrics import WORKER_RESTARTS
@@ -113,6 +116,18 @@ def post_fork(server, worker) -> None:
 
 
 def post_worker_init(worker) -> None:
+    """Load the model, then let the garbage collector leave out what the start made: importing
+    torch and the app leaves ~0.5 M objects that live as long as the worker, over which it ran
+    full passes during the start and would again between requests."""
+    try:
+        load_model_at_start(worker)
+    finally:
+        gc.collect()
+        gc.freeze()
+        gc.enable()
+
+
+def load_model_at_start(worker) -> None:
     """Load the model when the worker starts, not on its first request.
 
     A checkpoint that cannot be loaded stops the whole server with one clear line (exit code

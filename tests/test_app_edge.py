@@ -3,6 +3,7 @@ result storage bounded in bytes and safe on a full disk, and a loopback bind by 
 from __future__ import annotations
 
 import errno
+import gc
 import importlib.util
 import logging
 import os
@@ -274,6 +275,44 @@ def test_behind_the_front_the_warning_is_about_the_front_s_address(monkeypatch):
     assert warnings_at_start(gunicorn_settings(monkeypatch, SEG_PUBLIC_BIND="127.0.0.1:8000"), socket) == []
     warned = warnings_at_start(gunicorn_settings(monkeypatch, SEG_PUBLIC_BIND="0.0.0.0:8000"), socket)
     assert "listening on 0.0.0.0:8000 with no SEG_API_TOKEN" in warned[0]
+
+
+def starting_worker(monkeypatch, module, load) -> SimpleNamespace:
+    """A worker through post_fork, its app's model loaded by ``load``."""
+    monkeypatch.setenv("SEG_WORKER_INDEX", "")  # post_fork sets it: put back after the test
+    app = SimpleNamespace(config={"CHECKPOINT": "model.pth"}, extensions={"segmenter": SimpleNamespace(load=load)})
+    worker = SimpleNamespace(age=1, pid=1, wsgi=app, log=SimpleNamespace(error=print, info=print))
+    module.post_fork(SimpleNamespace(cfg=SimpleNamespace(workers=2)), worker)
+    return worker
+
+
+def test_a_worker_starts_without_garbage_collection_then_freezes_what_it_made(monkeypatch):
+    module = gunicorn_settings(monkeypatch)
+    frozen = gc.get_freeze_count()
+    try:
+        worker = starting_worker(monkeypatch, module, load=lambda: None)
+        assert not gc.isenabled()  # importing torch and the app: no passes over what they make
+        made = [[] for _ in range(1000)]  # what the start made, alive after it
+        module.post_worker_init(worker)
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(made)
+    finally:
+        gc.enable()
+
+
+def test_a_worker_that_cannot_load_its_model_exits_with_garbage_collection_on(monkeypatch):
+    from utils.checkpoint import CheckpointError
+
+    def load():
+        raise CheckpointError("not a checkpoint")
+
+    module = gunicorn_settings(monkeypatch)
+    try:
+        worker = starting_worker(monkeypatch, module, load)
+        with pytest.raises(SystemExit) as exit_code:
+            module.post_worker_init(worker)
+        assert exit_code.value.code == 4 and gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_a_real_gunicorn_on_every_interface_says_so_in_its_log(tiny_checkpoint, tmp_path):
