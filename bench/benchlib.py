@@ -1,13 +1,16 @@
 """What the bench scripts share: the repository on sys.path, a test photo, medians, the machine."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,3 +83,15 @@ def background_load() -> str:
     load average: it lags by minutes, so it would still show the previous benchmark.)"""
     busy = busy_fraction()
     return f"WARNING: the cores were {busy:.0%} busy before the run: other work shares them\n" if busy > 0.1 else ""
+
+
+@contextlib.contextmanager
+def checkout_of(revision: str) -> Iterator[Path]:
+    """``revision`` in a git worktree beside this checkout (so ../shared is where the code looks for
+    it), removed afterwards."""
+    worktree = Path(tempfile.mkdtemp(prefix=".bench-base-", dir=ROOT.parent))  # git takes an empty folder
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(worktree), revision], cwd=ROOT, check=True)
+    try:
+        yield worktree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=True)

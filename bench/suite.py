@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import ROOT, background_load, machine
+from benchlib import ROOT, background_load, checkout_of, machine
 
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-n", "auto", "--dist", "loadfile", "-p", "no:cacheprovider"]
 
@@ -50,15 +50,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help="base-then-head pairs (default 1)")
     args = parser.parse_args()
     print(background_load() + machine(), flush=True)
-    worktree = Path(tempfile.mkdtemp(prefix=".suite-base-", dir=ROOT.parent))  # git takes an empty folder
-    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(worktree), args.base], cwd=ROOT, check=True)
-    try:
-        base, head = [], []
+    base, head = [], []
+    with checkout_of(args.base) as worktree:
         for _ in range(args.rounds):
             base.append(run_suite(worktree, "base"))
             head.append(run_suite(ROOT, "head"))
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=True)
     print(f"base {args.base}: median {statistics.median(base):.1f} s; head: median {statistics.median(head):.1f} s")
     print(f"ratio: {statistics.median(base) / statistics.median(head):.2f}")
     return 0
