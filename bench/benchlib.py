@@ -95,3 +95,17 @@ def checkout_of(revision: str) -> Iterator[Path]:
         yield worktree
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=True)
+
+
+def base_against_head(revision: str, rounds: int, measure: Callable[[Path, str], float], unit: str) -> None:
+    """``measure(tree, label)`` at ``revision`` and at this checkout, rounds alternating (this
+    machine's speed drifts within minutes), then the medians and their ratio."""
+    print(background_load() + machine(), flush=True)
+    base, head = [], []
+    with checkout_of(revision) as worktree:
+        for _ in range(rounds):
+            base.append(measure(worktree, "base"))
+            head.append(measure(ROOT, "head"))
+    base_median, head_median = statistics.median(base), statistics.median(head)
+    print(f"base {revision}: median {base_median:.2f} {unit}; head: median {head_median:.2f} {unit}")
+    print(f"ratio: {base_median / head_median:.2f}")

@@ -14,14 +14,13 @@ import argparse
 import os
 import re
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchlib import ROOT, background_load, checkout_of, machine
+from benchlib import base_against_head
 
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-n", "auto", "--dist", "loadfile", "-p", "no:cacheprovider"]
 
@@ -49,14 +48,7 @@ def main() -> int:
     parser.add_argument("--base", required=True, help="the revision to compare with (a commit, tag or branch)")
     parser.add_argument("--rounds", type=int, default=1, help="base-then-head pairs (default 1)")
     args = parser.parse_args()
-    print(background_load() + machine(), flush=True)
-    base, head = [], []
-    with checkout_of(args.base) as worktree:
-        for _ in range(args.rounds):
-            base.append(run_suite(worktree, "base"))
-            head.append(run_suite(ROOT, "head"))
-    print(f"base {args.base}: median {statistics.median(base):.1f} s; head: median {statistics.median(head):.1f} s")
-    print(f"ratio: {statistics.median(base) / statistics.median(head):.2f}")
+    base_against_head(args.base, args.rounds, run_suite, "s")
     return 0
 
 

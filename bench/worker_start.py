@@ -13,14 +13,13 @@ import argparse
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchlib import ROOT, background_load, checkout_of, machine
+from benchlib import base_against_head
 
 from tests.servers import free_port
 from tests.tiny_checkpoint import make_checkpoint
@@ -51,17 +50,15 @@ def main() -> int:
     parser.add_argument("--base", required=True, help="the revision to compare with (a commit, tag or branch)")
     parser.add_argument("--runs", type=int, default=5, help="starts of each (default 5)")
     args = parser.parse_args()
-    print(background_load() + machine(), flush=True)
-    base, head = [], []
-    with tempfile.TemporaryDirectory() as scratch, checkout_of(args.base) as worktree:
+    with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         checkpoint = make_checkpoint(folder / "tiny.pth", varied=True)
-        for _ in range(args.runs):
-            base.append(worker_start_cpu(worktree, checkpoint, folder))
-            head.append(worker_start_cpu(ROOT, checkpoint, folder))
-    print(f"base {args.base}: {[round(s, 2) for s in base]}, median {statistics.median(base):.2f} s of CPU")
-    print(f"head: {[round(s, 2) for s in head]}, median {statistics.median(head):.2f} s of CPU")
-    print(f"ratio: {statistics.median(base) / statistics.median(head):.2f}")
+
+        def measure(tree: Path, label: str) -> float:
+            seconds = worker_start_cpu(tree, checkpoint, folder)
+            print(f"{label:>5}: {seconds:.2f} s of CPU", flush=True)
+            return seconds
+        base_against_head(args.base, args.runs, measure, "s of CPU")
     return 0
 
 
