@@ -119,12 +119,12 @@ def post_worker_init(worker) -> None:
     """Load the model, then let the garbage collector leave out what the start made: importing
     torch and the app leaves ~0.5 M objects that live as long as the worker, over which it ran
     full passes during the start and would again between requests."""
+    from utils.garbage import freeze_survivors
+
     try:
         load_model_at_start(worker)
     finally:
-        gc.collect()
-        gc.freeze()
-        gc.enable()
+        freeze_survivors()
 
 
 def load_model_at_start(worker) -> None:

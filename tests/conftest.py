@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from utils.garbage import freeze_survivors
+
 if TYPE_CHECKING:
     from tests.synthetic_coco import SyntheticCoco
 
@@ -47,24 +49,20 @@ def pytest_collection(session):
     try:
         return (yield)
     finally:
-        gc.collect()
-        gc.freeze()
-        gc.enable()
+        freeze_survivors()
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """After a test file, once its module fixtures and the last test's arguments are released: one
     full pass, then what survives (torch.compile's and torch.export's caches, mostly) is frozen too,
-    and later passes skip it.  A frozen object is still freed when nothing refers to it, unless it
-    is in a reference cycle.  A run's full passes: 4.2 + 8.6 s -> 1.9 + 7.7 s of the two workers
+    and later passes skip it.  A run's full passes: 4.2 + 8.6 s -> 1.9 + 7.7 s of the two workers
     (AMD EPYC avx512_bf16)."""
     try:
         return (yield)
     finally:
         if nextitem is None or nextitem.path != item.path:
-            gc.collect()
-            gc.freeze()
+            freeze_survivors()
 
 
 def requires(module: str, reason: str) -> pytest.MarkDecorator:
