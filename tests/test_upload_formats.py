@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from app.uploads import decode_image
-from tests.hostile_images import HOSTILE, fits_gzip_bomb, icns_bomb
+from tests.hostile_images import HOSTILE, fits_gzip_bomb, gzip_of_zeros, icns_bomb
 from tests.test_app import encoded, photo, post_file
 
 MiB = 1 << 20
@@ -78,6 +78,13 @@ def test_other_formats_are_415s_naming_the_accepted_ones_and_cost_no_memory(clie
     assert response.status_code == 415, response.get_json()
     assert response.get_json()["error"] == "not an image format we read: send a JPEG, PNG, WebP, GIF, BMP or TIFF file"
     assert growth < REFUSED_REQUEST_BOUND, f"{name}: peak memory rose by {growth / MiB:.0f} MiB"
+
+
+@pytest.mark.parametrize("size", [0, 5, 1 << 20, (3 << 20) + 17])
+def test_the_bomb_s_gzip_stream_unpacks_to_exactly_its_size(size):
+    """The stream repeats one compressed megabyte: a stream that did not unpack would make the
+    bomb test below pass for the wrong reason."""
+    assert zlib.decompress(gzip_of_zeros(size), wbits=31) == bytes(size)
 
 
 def test_the_fits_bomb_is_refused_however_much_it_unpacks_to(client):
