@@ -37,13 +37,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # One torch thread per test process: the suite runs a process per core (pytest -n auto), and
     # two processes of two threads each on two cores would only preempt each other.
     torch.set_num_threads(1)
-    # The freezes below leave almost nothing in the collector's oldest generation, so CPython's
-    # rule that a full pass waits until a quarter of it is new no longer holds one back: each test
-    # file's compile and export caches drew 28 full passes (7.2 s of 83 s for the ONNX export and
-    # predictor tests in one process, AMD EPYC avx512_bf16). Young passes every 50 000 allocations
-    # and full ones in practice only at file ends (freeze_survivors): that run 75.2 s, the whole
-    # suite 4-7 % faster in two side-by-side rounds.
-    gc.set_threshold(50_000, 20, 100)
+
+# The freezes of the two hooks below leave almost nothing in the collector's oldest generation,
+# so CPython's rule that a full pass waits until a quarter of it is new no longer holds one back:
+# each test file's compile and export caches drew 28 full passes (7.2 s of 83 s for the ONNX
+# export and predictor tests in one process, AMD EPYC avx512_bf16). Young passes every 50 000
+# allocations and full ones in practice only at file ends (freeze_survivors): that run 75.2 s,
+# the whole suite 5 % faster side by side (bench/README.md).
+gc.set_threshold(50_000, 20, 100)
 
 
 @pytest.hookimpl(wrapper=True)
