@@ -28,10 +28,21 @@ REQUEST_THREADS = 4  # 2 workers x 2 threads
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Front:
-    with front(tmp_path_factory.mktemp("front"), SEG_THREADS_PER_WORKER="2", SEG_CLIENT_TIMEOUT_S=str(TIMEOUT_S),
-               SEG_MAX_BYTES="200000") as running:
+def served(tmp_path_factory) -> Path:
+    """The checkpoint the module's server serves, at the path a HUP reload reads again."""
+    return make_checkpoint(tmp_path_factory.mktemp("served") / "served.pth", varied=True)
+
+
+@pytest.fixture(scope="module")
+def server(served, tmp_path_factory) -> Front:
+    """One server for the whole file, the HUP reload test last: each start costs a serve.py, an
+    nginx and two workers that import torch (5 s of CPU, AMD EPYC).  Once it has stopped, serve.py's
+    private folder must be gone with it."""
+    with front(tmp_path_factory.mktemp("front"), SEG_CHECKPOINT=str(served), SEG_THREADS_PER_WORKER="2",
+               SEG_CLIENT_TIMEOUT_S=str(TIMEOUT_S), SEG_MAX_BYTES="200000") as running:
         yield running
+        socket_path = re.search(r"Listening at: unix:(\S+)", "".join(running.lines)).group(1)
+    assert not Path(socket_path).parent.exists()  # serve.py's private folder goes with it
 
 
 @pytest.mark.parametrize("bind", ["127.0.0.1:8000", "0.0.0.0:80", "[::1]:8000", "localhost:9000", "unix:/run/s.sock"])
@@ -156,50 +167,46 @@ def test_metrics_add_up_every_worker(server):
         assert latency_count(after) - latency_count(before) == 12
 
 
-def test_hup_reload_serves_the_new_checkpoint_without_a_failed_request(tmp_path):
-    served = tmp_path / "served.pth"
-    make_checkpoint(tmp_path / "old.pth", varied=True)
-    os.replace(tmp_path / "old.pth", served)
+def test_hup_reload_serves_the_new_checkpoint_without_a_failed_request(server, served, tmp_path):
+    """Last in the file: after it, the module's server serves another checkpoint."""
     new = make_checkpoint(tmp_path / "new.pth", base_width=8, varied=True)
-    with front(tmp_path, SEG_CHECKPOINT=str(served)) as running:
-        old_sha = requests.get(running.url + "/api/model", timeout=10).json()["checkpoint_sha256"]
-        old_workers = set(live_workers(scrape(running.url)))
-        stop, statuses = threading.Event(), []
+    running = server
+    old_sha = requests.get(running.url + "/api/model", timeout=10).json()["checkpoint_sha256"]
+    old_workers = set(live_workers(scrape(running.url)))
+    stop, statuses = threading.Event(), []
 
-        def load(seed: int) -> None:
-            # A request every ~50 ms from each client spans the switch-over densely; back-to-back
-            # requests would only slow the new workers' start with CPU they do not need.
-            while not stop.wait(0.05):
-                try:
-                    statuses.append(post_photo(running.url, seed).status_code)
-                except requests.RequestException as error:
-                    statuses.append(repr(error))
+    def load(seed: int) -> None:
+        # A request every ~50 ms from each client spans the switch-over densely; back-to-back
+        # requests would only slow the new workers' start with CPU they do not need.
+        while not stop.wait(0.05):
+            try:
+                statuses.append(post_photo(running.url, seed).status_code)
+            except requests.RequestException as error:
+                statuses.append(repr(error))
 
-        clients = [threading.Thread(target=load, args=(seed,)) for seed in range(2)]
+    clients = [threading.Thread(target=load, args=(seed,)) for seed in range(2)]
+    for client in clients:
+        client.start()
+    try:
+        time.sleep(1)
+        os.replace(new, served)  # the operator's step: the new file at the served path, atomically
+        running.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while set(live_workers(scrape(running.url)).values()) != {file_sha256(served)}:
+            assert time.monotonic() < deadline, "the new workers did not take over"
+            time.sleep(0.5)
+        answered_before = len(statuses)
+        time.sleep(1)
+    finally:
+        stop.set()
         for client in clients:
-            client.start()
-        try:
-            time.sleep(1)
-            os.replace(new, served)  # the operator's step: the new file at the served path, atomically
-            running.process.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 60
-            while set(live_workers(scrape(running.url)).values()) != {file_sha256(served)}:
-                assert time.monotonic() < deadline, "the new workers did not take over"
-                time.sleep(0.5)
-            answered_before = len(statuses)
-            time.sleep(1)
-        finally:
-            stop.set()
-            for client in clients:
-                client.join(timeout=30)
-        assert len(statuses) > answered_before and set(statuses) == {200}, statuses
-        described = requests.get(running.url + "/api/model", timeout=10).json()
-        assert described["checkpoint_sha256"] == file_sha256(served) != old_sha
-        assert scrape(running.url).get(("seg_worker_restarts_total", ()), 0) == 2
-        # The old workers stopped only once both new ones had loaded the model: none was without a worker.
-        log = "".join(running.lines)
-        loaded = [log.index(f"worker {pid}: model loaded") for pid in set(live_workers(scrape(running.url)))]
-        exiting = [log.index(f"Worker exiting (pid: {pid})") for pid in old_workers]
-        assert len(loaded) == 2 and max(loaded) < min(exiting)
-        socket_path = re.search(r"Listening at: unix:(\S+)", "".join(running.lines)).group(1)
-    assert not Path(socket_path).parent.exists()  # serve.py's private folder goes with it
+            client.join(timeout=30)
+    assert len(statuses) > answered_before and set(statuses) == {200}, statuses
+    described = requests.get(running.url + "/api/model", timeout=10).json()
+    assert described["checkpoint_sha256"] == file_sha256(served) != old_sha
+    assert scrape(running.url).get(("seg_worker_restarts_total", ()), 0) == 2
+    # The old workers stopped only once both new ones had loaded the model: none was without a worker.
+    log = "".join(running.lines)
+    loaded = [log.index(f"worker {pid}: model loaded") for pid in set(live_workers(scrape(running.url)))]
+    exiting = [log.index(f"Worker exiting (pid: {pid})") for pid in old_workers]
+    assert len(loaded) == 2 and max(loaded) < min(exiting)
