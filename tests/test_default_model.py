@@ -24,8 +24,8 @@ RECORD = DEFAULT_CHECKPOINT.with_suffix(".json")
 
 @pytest.fixture(scope="module")
 def fp32_predictor() -> Predictor:
-    """The default model in fp32, loaded once for the tests that predict with it (0.4 s a load); they
-    ask for it once their real photo is known to be there (``request.getfixturevalue``)."""
+    """The default model in fp32, loaded once for the tests that predict with it (0.4 s a load,
+    AMD EPYC avx512_bf16)."""
     return Predictor.from_checkpoint(DEFAULT_CHECKPOINT, precision="fp32")
 
 
@@ -46,12 +46,12 @@ def test_hash_matches_the_model_card():
     assert json.loads(RECORD.read_text())["sha256"] == digest
 
 
-def test_predicts_the_recorded_class_map_on_a_fixed_real_image(request):
+def test_predicts_the_recorded_class_map_on_a_fixed_real_image(fp32_predictor):
     record = json.loads(RECORD.read_text())["reference"]
     image_path = SHARED_DATA / record["image"]
     if not image_path.exists():
         pytest.skip(f"{image_path} is absent (the reference image lives in ../shared/data)")
-    predicted = request.getfixturevalue("fp32_predictor").predict(Image.open(image_path)).class_map
+    predicted = fp32_predictor.predict(Image.open(image_path)).class_map
     recorded = np.asarray(Image.open(DEFAULT_CHECKPOINT.parent / record["prediction"]))
     assert predicted.shape == recorded.shape
     # fp32 kernels may differ in the last bit between CPUs; a preprocessing change moves far more.
@@ -74,7 +74,7 @@ PEOPLE_PHOTOS = ["000000324614.jpg", "000000005001.jpg"]  # coco-tiny val: a per
 
 
 @pytest.mark.parametrize("file_name", PEOPLE_PHOTOS)
-def test_finds_most_of_the_annotated_people_in_real_photos(file_name, request):
+def test_finds_most_of_the_annotated_people_in_real_photos(file_name, fp32_predictor):
     """Checked against COCO's own annotation of the photo, not against a recorded prediction."""
     annotations = SHARED_DATA / "coco-tiny" / "annotations" / "instances_val2017.json"
     image_path = SHARED_DATA / "coco-tiny" / "val2017" / file_name
@@ -84,7 +84,7 @@ def test_finds_most_of_the_annotated_people_in_real_photos(file_name, request):
     (image_id,) = [i for i, info in coco.imgs.items() if info["file_name"] == file_name]
     people = coco.loadAnns(coco.getAnnIds(imgIds=image_id, catIds=[1], iscrowd=False))
     truth = np.any([coco.annToMask(annotation) for annotation in people], axis=0)
-    predicted = request.getfixturevalue("fp32_predictor").predict(Image.open(image_path)).class_map == 1
+    predicted = fp32_predictor.predict(Image.open(image_path)).class_map == 1
     assert truth.sum() > 1000
     assert (predicted & truth).sum() / truth.sum() > 0.5  # most person pixels are called person
     assert (predicted & truth).sum() / predicted.sum() > 0.5  # and most of what is called person is one
