@@ -36,8 +36,8 @@ def served(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(served, tmp_path_factory) -> Front:
     """One server for the whole file, the HUP reload test last: each start costs a serve.py, an
-    nginx and two workers that import torch (5 s of CPU, AMD EPYC).  Once it has stopped, serve.py's
-    private folder must be gone with it."""
+    nginx and two workers that import torch (5 s of CPU, AMD EPYC avx512_bf16).  Once it has
+    stopped, serve.py's private folder must be gone with it."""
     with front(tmp_path_factory.mktemp("front"), SEG_CHECKPOINT=str(served), SEG_THREADS_PER_WORKER="2",
                SEG_CLIENT_TIMEOUT_S=str(TIMEOUT_S), SEG_MAX_BYTES="200000") as running:
         yield running
@@ -170,9 +170,9 @@ def test_metrics_add_up_every_worker(server):
 def test_hup_reload_serves_the_new_checkpoint_without_a_failed_request(server, served, tmp_path):
     """Last in the file: after it, the module's server serves another checkpoint."""
     new = make_checkpoint(tmp_path / "new.pth", base_width=8, varied=True)
-    running = server
-    old_sha = requests.get(running.url + "/api/model", timeout=10).json()["checkpoint_sha256"]
-    old_workers = set(live_workers(scrape(running.url)))
+    old_sha = requests.get(server.url + "/api/model", timeout=10).json()["checkpoint_sha256"]
+    before = scrape(server.url)
+    old_workers = set(live_workers(before))
     stop, statuses = threading.Event(), []
 
     def load(seed: int) -> None:
@@ -180,7 +180,7 @@ def test_hup_reload_serves_the_new_checkpoint_without_a_failed_request(server, s
         # requests would only slow the new workers' start with CPU they do not need.
         while not stop.wait(0.05):
             try:
-                statuses.append(post_photo(running.url, seed).status_code)
+                statuses.append(post_photo(server.url, seed).status_code)
             except requests.RequestException as error:
                 statuses.append(repr(error))
 
@@ -190,9 +190,9 @@ def test_hup_reload_serves_the_new_checkpoint_without_a_failed_request(server, s
     try:
         time.sleep(1)
         os.replace(new, served)  # the operator's step: the new file at the served path, atomically
-        running.process.send_signal(signal.SIGHUP)
+        server.process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 60
-        while set(live_workers(scrape(running.url)).values()) != {file_sha256(served)}:
+        while set(live_workers(scrape(server.url)).values()) != {file_sha256(served)}:
             assert time.monotonic() < deadline, "the new workers did not take over"
             time.sleep(0.5)
         answered_before = len(statuses)
@@ -202,11 +202,12 @@ def test_hup_reload_serves_the_new_checkpoint_without_a_failed_request(server, s
         for client in clients:
             client.join(timeout=30)
     assert len(statuses) > answered_before and set(statuses) == {200}, statuses
-    described = requests.get(running.url + "/api/model", timeout=10).json()
+    described = requests.get(server.url + "/api/model", timeout=10).json()
     assert described["checkpoint_sha256"] == file_sha256(served) != old_sha
-    assert scrape(running.url).get(("seg_worker_restarts_total", ()), 0) == 2
+    restarts = [metrics.get(("seg_worker_restarts_total", ()), 0) for metrics in (before, scrape(server.url))]
+    assert restarts[1] - restarts[0] == 2  # counted on the file's server: the reload's own restarts
     # The old workers stopped only once both new ones had loaded the model: none was without a worker.
-    log = "".join(running.lines)
-    loaded = [log.index(f"worker {pid}: model loaded") for pid in set(live_workers(scrape(running.url)))]
+    log = "".join(server.lines)
+    loaded = [log.index(f"worker {pid}: model loaded") for pid in set(live_workers(scrape(server.url)))]
     exiting = [log.index(f"Worker exiting (pid: {pid})") for pid in old_workers]
     assert len(loaded) == 2 and max(loaded) < min(exiting)
