@@ -152,7 +152,7 @@ def test_reduce_sums_the_counts_of_all_processes(tmp_path):
     with mp.Manager() as manager:
         results = manager.dict()
         # Forked, not spawned: the two ranks are still separate processes in one gloo group, without
-        # each importing torch and this file again (1.7 s of CPU a rank, AMD EPYC).
+        # each importing torch and this file again (1.7 s of CPU a rank, AMD EPYC avx512_bf16).
         mp.start_processes(reduce_on_rank, args=(2, str(tmp_path / "rendezvous"), results), nprocs=2,
                            start_method="fork")
         # rank 0 counted (0,0) and (2,0); rank 1 counted (1,1) and (2,1)

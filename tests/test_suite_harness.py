@@ -50,7 +50,7 @@ SECOND_FILE = """
 def child_environment(tmp_path) -> dict[str, str]:
     """The child is a plain pytest (-p no:xdist), not an xdist worker: without the worker's variable
     tests/conftest.py leaves torch unimported there, as in any single-process run (1.6 s of the
-    child's 2.0 s of CPU, AMD EPYC); the hooks under test import nothing of torch."""
+    child's 2.0 s of CPU, AMD EPYC avx512_bf16); the hooks under test import nothing of torch."""
     environment = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
     environment.pop("PYTEST_XDIST_WORKER", None)
     return environment
