@@ -204,10 +204,11 @@ def test_hup_reload_serves_the_new_checkpoint_without_a_failed_request(server, s
     assert len(statuses) > answered_before and set(statuses) == {200}, statuses
     described = requests.get(server.url + "/api/model", timeout=10).json()
     assert described["checkpoint_sha256"] == file_sha256(served) != old_sha
-    restarts = [metrics.get(("seg_worker_restarts_total", ()), 0) for metrics in (before, scrape(server.url))]
+    after = scrape(server.url)
+    restarts = [metrics.get(("seg_worker_restarts_total", ()), 0) for metrics in (before, after)]
     assert restarts[1] - restarts[0] == 2  # counted on the file's server: the reload's own restarts
     # The old workers stopped only once both new ones had loaded the model: none was without a worker.
     log = "".join(server.lines)
-    loaded = [log.index(f"worker {pid}: model loaded") for pid in set(live_workers(scrape(server.url)))]
+    loaded = [log.index(f"worker {pid}: model loaded") for pid in live_workers(after)]
     exiting = [log.index(f"Worker exiting (pid: {pid})") for pid in old_workers]
     assert len(loaded) == 2 and max(loaded) < min(exiting)
