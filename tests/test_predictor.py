@@ -267,6 +267,19 @@ def test_preprocess_normalises_bit_for_bit_as_training_does_in_channels_last_mem
     assert batch.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_preprocess_resizes_bilinearly_so_an_edge_doubled_in_size_ramps_by_quarters(predictor):
+    # Half the network's size: bilinear puts the two new columns at a quarter and three quarters of
+    # the step; nearest and box keep the step, bicubic, Hamming and Lanczos give other values.
+    edge = np.zeros((16, 24, 3), dtype=np.uint8)
+    edge[:, 12:] = 255
+    batch, info = predictor.preprocess(Image.fromarray(edge))
+    assert info.resized_size == (32, 48)
+    grey = np.array([0, 63.75, 191.25, 255]) / 255
+    expected = (grey[:, None] - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)  # columns 22..25 x channels
+    for row in batch[0, :, :, 22:26].permute(1, 2, 0).numpy():
+        np.testing.assert_allclose(row, expected, atol=0.5 / 255 / min(IMAGENET_STD))
+
+
 def test_overlay_colours_many_class_maps_like_byte_class_maps():
     image = noise_image(6, 3)
     class_map = np.array([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [0, 0, 7, 7, 0, 0]], dtype=np.uint8)
