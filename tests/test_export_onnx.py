@@ -15,6 +15,7 @@ from model.export_onnx import (
     NotExportable,
     check_sizes,
     export_onnx,
+    exportable_copy,
     largest_difference,
     onnxruntime_session,
     run_session,
@@ -128,6 +129,42 @@ def test_the_command_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     assert error.startswith("error: checkpoint not found") and "\n" not in error
 
 
+def batch_norm_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.BatchNorm2d)]
+
+
+class Reordered(torch.nn.Sequential):
+    """A Sequential whose forward is its own, batch norm first: folding its norm into its
+    convolution would change what it computes."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self[0](self[1](images))
+
+
+def trained_looking_norm(channels: int) -> torch.nn.BatchNorm2d:
+    norm = torch.nn.BatchNorm2d(channels)
+    for values in (norm.weight, norm.bias, norm.running_mean):
+        torch.nn.init.normal_(values.data)
+    torch.nn.init.uniform_(norm.running_var, 0.5, 2.0)
+    return norm
+
+
+def test_the_exported_copy_folds_the_batch_norms_of_a_plain_chain_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), trained_looking_norm(4),
+                                torch.nn.ReLU(inplace=True),
+                                Reordered(torch.nn.Conv2d(4, 4, 1), trained_looking_norm(4))).eval()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    copy = exportable_copy(model)
+    assert batch_norm_names(copy) == ["3.1"]  # the chain's own; the reordered one is kept
+    assert not copy[2].inplace and model[2].inplace
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    images = torch.randn(2, 3, 9, 11)
+    with torch.inference_mode():
+        torch.testing.assert_close(copy(images), model(images), atol=1e-5, rtol=1e-5)
+
+
 def test_the_default_models_architecture_exports_with_its_masked_classes():
     """SMP's U-Net with the VOC head and logits at 1/4 upsampled (save/default), COCO's classes, the
     unused ids masked by a forward hook."""
@@ -136,9 +173,12 @@ def test_the_default_models_architecture_exports_with_its_masked_classes():
                         logit_stride=4)
     never_predict(model, never_labelled_ids(COCO_CLASSES))
     inplace = [module.inplace for module in model.modules() if hasattr(module, "inplace")]
+    norms = batch_norm_names(model)
     session = onnxruntime_session(export_onnx(model.eval()), threads=1)
-    # MobileNetV2's ReLU6s are exported out of place (faster) and given back in place.
+    # Exported from a copy with MobileNetV2's ReLU6s out of place and its batch norms folded into the
+    # convolutions (faster); the model keeps both.
     assert any(inplace) and [module.inplace for module in model.modules() if hasattr(module, "inplace")] == inplace
+    assert norms and batch_norm_names(model) == norms
     images = torch.randn(1, 3, 53, 75)
     logits = run_session(session, images)
     with torch.inference_mode():
