@@ -141,22 +141,28 @@ class Reordered(torch.nn.Sequential):
         return self[0](self[1](images))
 
 
-def trained_looking_norm(channels: int) -> torch.nn.BatchNorm2d:
-    norm = torch.nn.BatchNorm2d(channels)
-    for values in (norm.weight, norm.bias, norm.running_mean):
-        torch.nn.init.normal_(values.data)
-    torch.nn.init.uniform_(norm.running_var, 0.5, 2.0)
-    return norm
+def look_trained(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with batch norm statistics and affine maps of the kind training leaves: a fresh
+    batch norm computes almost nothing (mean 0, variance 1, scale 1, shift 0), so that folding it
+    wrongly would go unseen."""
+    for norm in (module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)):
+        torch.nn.init.uniform_(norm.weight.data, 0.5, 1.5)
+        for values in (norm.bias, norm.running_mean):
+            torch.nn.init.normal_(values.data, std=0.2)
+        torch.nn.init.uniform_(norm.running_var, 0.5, 2.0)
+    return model
 
 
 def test_the_exported_copy_folds_the_batch_norms_of_a_plain_chain_and_leaves_the_model_alone():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), trained_looking_norm(4),
-                                torch.nn.ReLU(inplace=True),
-                                Reordered(torch.nn.Conv2d(4, 4, 1), trained_looking_norm(4))).eval()
+    hooked = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4))
+    hooked[0].register_forward_hook(lambda module, inputs, output: output.clamp(max=0.5))
+    model = look_trained(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True),
+        Reordered(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)), hooked)).eval()
     before = {name: value.clone() for name, value in model.state_dict().items()}
     copy = exportable_copy(model)
-    assert batch_norm_names(copy) == ["3.1"]  # the chain's own; the reordered one is kept
+    assert batch_norm_names(copy) == ["3.1", "4.1"]  # the chain's own; the reordered and hooked ones are kept
     assert not copy[2].inplace and model[2].inplace
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
@@ -169,8 +175,8 @@ def test_the_default_models_architecture_exports_with_its_masked_classes():
     """SMP's U-Net with the VOC head and logits at 1/4 upsampled (save/default), COCO's classes, the
     unused ids masked by a forward hook."""
     torch.manual_seed(0)
-    model = build_model("smp_unet", num_classes=91, encoder="mobilenet_v2", encoder_output_stride=16, voc_head=True,
-                        logit_stride=4)
+    model = look_trained(build_model("smp_unet", num_classes=91, encoder="mobilenet_v2", encoder_output_stride=16,
+                                     voc_head=True, logit_stride=4))
     never_predict(model, never_labelled_ids(COCO_CLASSES))
     inplace = [module.inplace for module in model.modules() if hasattr(module, "inplace")]
     norms = batch_norm_names(model)
