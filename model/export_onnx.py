@@ -110,10 +110,11 @@ def exportable_copy(model: nn.Module) -> nn.Module:
     caller's model stays as it is.  Its in-place modules (``inplace=True``: ReLU, ReLU6, Dropout...)
     run out of place: torch.export functionalises each in-place op through its reference
     decomposition, whose symbolic stride arithmetic cost 13 s of the default model's 33 s export
-    (MobileNetV2's ReLU6s, AVX2 EPYC).  Each batch norm right after a convolution in a Sequential is
-    folded into that convolution: the exporter decomposes every batch norm with symbolic shapes, and
-    folding them took the default model's export from 8.7-9.2 to 6.2 s (AMD EPYC avx512_bf16); ONNX
-    Runtime folds them when it loads the graph anyway."""
+    (MobileNetV2's ReLU6s, AVX2 EPYC).  Each batch norm right after a convolution in a plain
+    Sequential is folded into that convolution (fold_batch_norms says which are kept): the exporter
+    decomposes every batch norm with symbolic shapes, and folding them took the default model's
+    export from 8.7-9.2 to 6.2 s (AMD EPYC avx512_bf16); ONNX Runtime folds them when it loads the
+    graph anyway."""
     exported = copy.deepcopy(model).cpu().float().eval()
     for module in exported.modules():
         if getattr(module, "inplace", None) is True:
