@@ -211,8 +211,9 @@ def slide(pixels: np.ndarray, probabilities: TileProbabilities, tile: tuple[int,
           num_classes: int, budget_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(H x W class ids, H x W confidence) of the H x W x 3 image ``pixels``: every tile's
     ``probabilities`` weighted by the smooth window, summed and divided by the weights, in strips
-    whose sums fit ``budget_bytes`` (strip_width_of).  Beside the sums, the peak holds a tile's
-    logits and probabilities (C x tile floats each) and the strip's carried-over rows."""
+    whose sums fit ``budget_bytes`` (strip_width_of).  Beside the sums, the peak holds one tile at a
+    time: the network's activations and its logits, softmaxed in place (C x tile floats; with TTA,
+    the views' running sum as well)."""
     height, width = pixels.shape[:2]
     rows = tile_starts(height, tile[0], stride[0])
     window = smooth_window(*tile)
@@ -244,18 +245,27 @@ def strip_bands(pixels: np.ndarray, probabilities: TileProbabilities, window: to
         sums[held:bottom - first].zero_()
         weights[held:bottom - first].zero_()
         for x in columns:
-            tile = probabilities(pixels[y:bottom, x:x + tile_width])
-            seen = slice(max(left, x) - x, min(right, x + tile.shape[1]) - x)
-            target = (slice(y - first, bottom - first), slice(x + seen.start - left, x + seen.stop - left))
-            weight = window[:tile.shape[0], seen]
-            sums[target].addcmul_(tile[:, seen], weight[..., None])  # in place: no tile-sized temporary
-            weights[target] += weight
+            # Passed straight in: no name holds the tile's probabilities while the next tile's forward runs.
+            add_tile(probabilities(pixels[y:bottom, x:x + tile_width]), window, (y - first, x - left), sums, weights)
         done = rows[index + 1] if index + 1 < len(rows) else bottom
         yield first, done, (sums[:done - first], weights[:done - first])
         held = bottom - done  # the rows the next tile row overlaps move to the top
         for buffer in (sums, weights):
             move_rows_up(buffer, done - first, bottom - first)
         first = done
+
+
+def add_tile(tile: torch.Tensor, window: torch.Tensor, corner: tuple[int, int], sums: torch.Tensor,
+             weights: torch.Tensor) -> None:
+    """``tile`` (h x w x C probabilities) times ``window`` added into ``sums`` and the window into
+    ``weights``, the tile's top-left corner at ``corner`` (row, column) of theirs; the tile's columns
+    outside them (a column may be negative) are left out."""
+    row, column = corner
+    seen = slice(max(0, -column), min(sums.shape[1] - column, tile.shape[1]))
+    target = (slice(row, row + tile.shape[0]), slice(column + seen.start, column + seen.stop))
+    weight = window[:tile.shape[0], seen]
+    sums[target].addcmul_(tile[:, seen], weight[..., None])  # in place: no tile-sized temporary
+    weights[target] += weight
 
 
 def move_rows_up(buffer: torch.Tensor, start: int, stop: int) -> None:
