@@ -19,7 +19,15 @@ from tests.tiny_checkpoint import make_checkpoint
 from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from utils.inference import tiling
 from utils.inference.predictor import Predictor
-from utils.inference.tiling import Strategy, StrategyError, network_probabilities, slide, smooth_window, tile_starts
+from utils.inference.tiling import (
+    Strategy,
+    StrategyError,
+    network_probabilities,
+    slide,
+    smooth_window,
+    tile_starts,
+    top_of,
+)
 
 TRAINING_SIZE = [64, 64]
 
@@ -149,6 +157,21 @@ def test_a_blended_tile_is_let_go_before_the_next_tile_is_computed():
 
     slide(coordinates(150, 300), probabilities, (64, 64), (40, 40), num_classes=3)
     assert len(returned) == len(tile_starts(150, 64, 40)) * len(tile_starts(300, 64, 40))  # one strip
+
+
+def test_the_class_is_the_larger_sum_where_both_divide_to_the_same_probability():
+    sums = torch.tensor([[[0.94822234, 0.94822240]]])
+    weights = torch.tensor([[1.7208325]])
+    assert (sums / weights[..., None])[0, 0, 0] == (sums / weights[..., None])[0, 0, 1]  # the near-tie
+    class_ids, confidence = top_of((sums, weights))
+    assert class_ids.tolist() == [[1]] and class_ids.dtype == torch.int32
+    assert confidence[0, 0] == (sums / weights[..., None]).max()
+
+
+def test_an_empty_image_slides_to_empty_maps():
+    class_ids, confidence = slide(np.zeros((0, 50, 3), np.uint8), lambda tile: torch.zeros(*tile.shape[:2], 3),
+                                  (64, 64), (40, 40), num_classes=3)
+    assert class_ids.shape == confidence.shape == (0, 50)
 
 
 def test_the_forwards_a_service_bounds_are_the_forwards_slide_runs(monkeypatch):

@@ -211,9 +211,9 @@ def slide(pixels: np.ndarray, probabilities: TileProbabilities, tile: tuple[int,
           num_classes: int, budget_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(H x W class ids, H x W confidence) of the H x W x 3 image ``pixels``: every tile's
     ``probabilities`` weighted by the smooth window, summed and divided by the weights, in strips
-    whose sums fit ``budget_bytes`` (strip_width_of).  Beside the sums, the peak holds one tile at a
-    time: the network's activations and its logits, softmaxed in place (C x tile floats; with TTA,
-    the views' running sum as well)."""
+    whose sums fit ``budget_bytes`` (strip_width_of).  Beside the sums and the H x W results, the
+    peak holds one tile at a time: the network's activations and its logits, softmaxed in place
+    (C x tile floats; with TTA, the views' running sum and the largest view's logits)."""
     height, width = pixels.shape[:2]
     rows = tile_starts(height, tile[0], stride[0])
     window = smooth_window(*tile)
@@ -235,8 +235,8 @@ def strip_bands(pixels: np.ndarray, probabilities: TileProbabilities, window: to
     height = pixels.shape[0]
     left, right = span
     tile_height, tile_width = window.shape
-    # One tile row's rows at most (each band starts where the next tile row does), kept from row to
-    # row: a fresh pair per tile row page-faulted in for longer than the sums took.
+    # One tile row's rows at most (the buffer's first row is always the current tile row's first),
+    # kept from row to row: a fresh pair per tile row page-faulted in for longer than the sums took.
     sums = torch.empty(min(height, tile_height), right - left, num_classes)  # pixel-major, as tiles come
     weights = torch.empty(sums.shape[:2])
     first, held = 0, 0  # the image row that sums[0] holds; how many rows carry sums already
@@ -250,8 +250,9 @@ def strip_bands(pixels: np.ndarray, probabilities: TileProbabilities, window: to
         done = rows[index + 1] if index + 1 < len(rows) else bottom
         yield first, done, (sums[:done - first], weights[:done - first])
         held = bottom - done  # the rows the next tile row overlaps move to the top
-        for buffer in (sums, weights):
-            move_rows_up(buffer, done - first, bottom - first)
+        if held:  # none after the last tile row, where an empty image would also move by 0 rows
+            for buffer in (sums, weights):
+                move_rows_up(buffer, done - first, bottom - first)
         first = done
 
 
@@ -279,8 +280,10 @@ def move_rows_up(buffer: torch.Tensor, start: int, stop: int) -> None:
 
 def top_of(blended: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The class with the largest blended probability, and that probability.  A pixel's weight
-    divides all its classes alike, so the largest sum is the largest probability: only the
-    maximum is divided (dividing C x h x w first cost a band-sized temporary and its time)."""
+    divides all its classes alike, so the largest sum is the largest probability: only the maximum
+    is divided (dividing first cost C divisions per pixel and a 16-row temporary).  The confidence
+    is the same bit for bit; where two sums within an ulp divided to the same value, the larger
+    sum's class now wins, not the lower class id."""
     sums, weights = blended
     largest, class_ids = sums.max(dim=-1)
     return class_ids.to(torch.int32), largest.div_(weights)
