@@ -162,10 +162,11 @@ def test_a_blended_tile_is_let_go_before_the_next_tile_is_computed():
 def test_the_class_is_the_larger_sum_where_both_divide_to_the_same_probability():
     sums = torch.tensor([[[0.94822234, 0.94822240]]])
     weights = torch.tensor([[1.7208325]])
-    assert (sums / weights[..., None])[0, 0, 0] == (sums / weights[..., None])[0, 0, 1]  # the near-tie
+    probabilities = sums / weights[..., None]
+    assert probabilities[0, 0, 0] == probabilities[0, 0, 1]  # the near-tie
     class_ids, confidence = top_of((sums, weights))
     assert class_ids.tolist() == [[1]] and class_ids.dtype == torch.int32
-    assert confidence[0, 0] == (sums / weights[..., None]).max()
+    assert confidence[0, 0] == probabilities.max()
 
 
 def test_an_empty_image_slides_to_empty_maps():

@@ -250,7 +250,7 @@ def strip_bands(pixels: np.ndarray, probabilities: TileProbabilities, window: to
         done = rows[index + 1] if index + 1 < len(rows) else bottom
         yield first, done, (sums[:done - first], weights[:done - first])
         held = bottom - done  # the rows the next tile row overlaps move to the top
-        if held:  # none after the last tile row, where an empty image would also move by 0 rows
+        if held:  # nothing is carried past the last tile row (nor by an empty image, whose move would be by 0 rows)
             for buffer in (sums, weights):
                 move_rows_up(buffer, done - first, bottom - first)
         first = done
