@@ -281,9 +281,8 @@ def move_rows_up(buffer: torch.Tensor, start: int, stop: int) -> None:
 def top_of(blended: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The class with the largest blended probability, and that probability.  A pixel's weight
     divides all its classes alike, so the largest sum is the largest probability: only the maximum
-    is divided (dividing first cost C divisions per pixel and a 16-row temporary).  The confidence
-    is the same bit for bit; where two sums within an ulp divided to the same value, the larger
-    sum's class now wins, not the lower class id."""
+    is divided, not C classes per pixel.  Where two sums within an ulp would divide to the same
+    probability, the class of the larger sum wins."""
     sums, weights = blended
     largest, class_ids = sums.max(dim=-1)
     return class_ids.to(torch.int32), largest.div_(weights)
