@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import itertools
 import os
 import warnings
 from collections.abc import Sequence
@@ -128,13 +127,11 @@ def fold_batch_norms(chain: nn.Sequential) -> None:
     """Each eval-mode BatchNorm2d that follows a Conv2d in ``chain`` folded into it (an Identity left
     in its place, so that the chain's indices and names stay), unless either has hooks: they would
     see the folded values, or be lost with the batch norm."""
-    names = list(chain._modules)
-    for conv_name, norm_name in itertools.pairwise(names):
-        conv, norm = chain._modules[conv_name], chain._modules[norm_name]
+    for index in range(len(chain) - 1):
+        conv, norm = chain[index], chain[index + 1]
         if (type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and norm.running_mean is not None
                 and not (has_hooks(conv) or has_hooks(norm))):
-            chain._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
-            chain._modules[norm_name] = nn.Identity()
+            chain[index], chain[index + 1] = fuse_conv_bn_eval(conv, norm), nn.Identity()
 
 
 def has_hooks(module: nn.Module) -> bool:
