@@ -159,14 +159,15 @@ def test_the_exported_copy_folds_the_batch_norms_of_a_plain_chain_and_leaves_the
     hooked[0].register_forward_hook(lambda module, inputs, output: output.clamp(max=0.5))
     model = look_trained(torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True),
-        Reordered(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)), hooked))
+        Reordered(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)), hooked,
+        torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4))))  # its last pair folds too
     # Without running statistics a batch norm normalises by each batch's own, which no convolution can hold.
     model.append(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4, track_running_stats=False)))
     before = {name: value.clone() for name, value in model.state_dict().items()}
     copy = exportable_copy(model)  # from a model in training mode: the copy is in eval mode, the model stays
     assert not copy.training and model.training
     model.eval()
-    assert batch_norm_names(copy) == ["3.1", "4.1", "5.1"]  # the chain's own; reordered, hooked, untracked kept
+    assert batch_norm_names(copy) == ["3.1", "4.1", "6.1"]  # the chains' own; reordered, hooked, untracked kept
     assert not copy[2].inplace and model[2].inplace
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
