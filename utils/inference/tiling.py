@@ -235,35 +235,33 @@ def strip_bands(pixels: np.ndarray, probabilities: TileProbabilities, window: to
     height = pixels.shape[0]
     left, right = span
     tile_height, tile_width = window.shape
-    # One tile row's rows at most (the buffer's first row is always the current tile row's first),
-    # kept from row to row: a fresh pair per tile row page-faulted in for longer than the sums took.
+    # One tile row's rows, the buffers' first row always the current tile row's first; kept from
+    # row to row: a fresh pair per tile row page-faulted in for longer than the sums took.
     sums = torch.empty(min(height, tile_height), right - left, num_classes)  # pixel-major, as tiles come
     weights = torch.empty(sums.shape[:2])
-    first, held = 0, 0  # the image row that sums[0] holds; how many rows carry sums already
+    held = 0  # rows at the top that carry the previous tile row's sums already
     for index, y in enumerate(rows):
         bottom = min(height, y + tile_height)
-        sums[held:bottom - first].zero_()
-        weights[held:bottom - first].zero_()
+        sums[held:bottom - y].zero_()
+        weights[held:bottom - y].zero_()
         for x in columns:
             # Passed straight in: no name holds the tile's probabilities while the next tile's forward runs.
-            add_tile(probabilities(pixels[y:bottom, x:x + tile_width]), window, (y - first, x - left), sums, weights)
+            add_tile(probabilities(pixels[y:bottom, x:x + tile_width]), window, x - left, sums, weights)
         done = rows[index + 1] if index + 1 < len(rows) else bottom
-        yield first, done, (sums[:done - first], weights[:done - first])
+        yield y, done, (sums[:done - y], weights[:done - y])
         held = bottom - done  # the rows the next tile row overlaps move to the top
         if held:  # nothing is carried past the last tile row (nor by an empty image, whose move would be by 0 rows)
             for buffer in (sums, weights):
-                move_rows_up(buffer, done - first, bottom - first)
-        first = done
+                move_rows_up(buffer, done - y, bottom - y)
 
 
-def add_tile(tile: torch.Tensor, window: torch.Tensor, corner: tuple[int, int], sums: torch.Tensor,
+def add_tile(tile: torch.Tensor, window: torch.Tensor, column: int, sums: torch.Tensor,
              weights: torch.Tensor) -> None:
-    """``tile`` (h x w x C probabilities) times ``window`` added into ``sums`` and the window into
-    ``weights``, the tile's top-left corner at ``corner`` (row, column) of theirs; the tile's columns
-    outside them (a column may be negative) are left out."""
-    row, column = corner
+    """``tile`` (h x w x C probabilities) times ``window`` added into the top rows of ``sums`` and the
+    window into those of ``weights``, the tile's first column at their ``column``; the tile's columns
+    outside them (``column`` may be negative) are left out."""
     seen = slice(max(0, -column), min(sums.shape[1] - column, tile.shape[1]))
-    target = (slice(row, row + tile.shape[0]), slice(column + seen.start, column + seen.stop))
+    target = (slice(0, tile.shape[0]), slice(column + seen.start, column + seen.stop))
     weight = window[:tile.shape[0], seen]
     sums[target].addcmul_(tile[:, seen], weight[..., None])  # in place: no tile-sized temporary
     weights[target] += weight
