@@ -5,9 +5,9 @@ smooth window, and test-time augmentation (flips, scales) averaged over softmax 
 mode walks the image in tiles (default: the checkpoint's training size, overlapping by about a
 third), weighs each tile's probabilities by a window that fades towards the tile's borders (so
 that their seams do not show) and divides by the summed weights.  The blend never holds C x H x W
-for the whole image: it works in vertical strips and bands of one tile row, keeping only the rows
-the next tile row still overlaps (``SLIDE_BUDGET_BYTES``), and turns each finished row into the
-class map and confidence at once.
+for the whole image: it works in vertical strips whose sums fit ``SLIDE_BUDGET_BYTES`` and in bands
+of one tile row, keeping only the rows the next tile row still overlaps, and turns each finished
+row into the class map and confidence at once.
 """
 from __future__ import annotations
 
